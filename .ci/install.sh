@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs crystalfm and everything its tests need into ./.venv, from scratch.
+# torch is pinned and installed first: any open range pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip wheel setuptools
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[test]'
+# torch-scatter is the reference path of the neighbour kernels; it builds from source
+# (about 6 minutes on 2 cores, cached by pip afterwards) and must see the installed torch.
+python -c 'import torch_scatter' 2>/dev/null || \
+  python -m pip install -q --no-build-isolation torch-scatter==2.1.2

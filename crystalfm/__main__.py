@@ -1,0 +1,3 @@
+from crystalfm.cli import main
+
+raise SystemExit(main())

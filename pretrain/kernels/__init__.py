@@ -1,0 +1,20 @@
+"""Neighbour aggregation: the one place every encoder sends its message passing through.
+
+    gather_multiply_reduce(x, w, graph, reduce)   out_i = Σ_j x_j ⊙ w_ij       (sum | mean)
+    neighbor_attention(q, k, v, k_e, v_e, graph)  per-receiver softmax attention, per head
+    gated_aggregate(q, k, v, k_e, v_e, graph)     out_i = Σ_j σ(q_i ⊙ k_ij/√d) ⊙ v_ij
+
+`graph` is a receiver-sorted `CSRGraph`. The backend is chosen by `set_backend` / the `backend`
+argument; the exact maths of each op is defined (and documented) in `native.py`.
+"""
+from pretrain.kernels.dispatch import gated_aggregate, gather_multiply_reduce, get_backend, neighbor_attention, set_backend
+from pretrain.kernels.graph import CSRGraph
+
+__all__ = [
+    "CSRGraph",
+    "gather_multiply_reduce",
+    "neighbor_attention",
+    "gated_aggregate",
+    "set_backend",
+    "get_backend",
+]
