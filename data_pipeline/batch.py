@@ -42,6 +42,14 @@ class CrystalBatch:
     token_mask: torch.Tensor | None = None  # [B, L] bool, True for real atoms
     # labels: scalar ones as [B] (NaN where missing), forces as [N, 3], stress as [B, 3, 3]
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    # True for a batch the loader added only so every rank runs the same number of steps (a copy
+    # of a real batch): give it weight 0 (multiply its loss by `weight`, count none of its atoms).
+    padding: bool = False
+
+    @property
+    def weight(self) -> float:
+        """1.0 for a real batch, 0.0 for a padding batch."""
+        return 0.0 if self.padding else 1.0
 
     @property
     def num_crystals(self) -> int:
@@ -78,5 +86,17 @@ class CrystalBatch:
                 value = {
                     k: v.to(device, dtype=dtype if (dtype and v.is_floating_point()) else None) for k, v in value.items()
                 }
+            out[f.name] = value
+        return CrystalBatch(**out)
+
+    def pin_memory(self) -> "CrystalBatch":
+        """Page-locked copies of every tensor (torch's DataLoader calls this with pin_memory=True)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.pin_memory()
+            elif isinstance(value, dict):
+                value = {k: v.pin_memory() for k, v in value.items()}
             out[f.name] = value
         return CrystalBatch(**out)
