@@ -29,6 +29,11 @@ class Encoder(nn.Module):
     def encode(self, batch) -> torch.Tensor:
         return self(batch)
 
+    def embed(self, batch, kind: str = "mean") -> torch.Tensor:
+        """Pooled per-crystal embedding [B, out_dim]. Default: `readout(forward(batch), batch, kind)`;
+        encoders with a summary token (the token transformer's [CLS]) add their own kinds."""
+        return self.readout(self(batch), batch, kind)
+
     @staticmethod
     def readout(h: torch.Tensor, batch, kind: str = "mean") -> torch.Tensor:
         """Per-crystal pooling [N, d] → [B, d] ('mean' or 'sum')."""
