@@ -4,10 +4,20 @@
     neighbor_attention(q, k, v, k_e, v_e, graph)  per-receiver softmax attention, per head
     gated_aggregate(q, k, v, k_e, v_e, graph)     out_i = Σ_j σ(q_i ⊙ k_ij/√d) ⊙ v_ij
 
-`graph` is a receiver-sorted `CSRGraph`. The backend is chosen by `set_backend` / the `backend`
-argument; the exact maths of each op is defined (and documented) in `native.py`.
+`graph` is a receiver-sorted `CSRGraph`. The backend ('auto', 'native', 'cpu_fused', 'triton',
+'reference') is chosen by `set_backend` / the `backend` argument; 'auto' uses the fused Triton
+kernels on CUDA and the chunked fused CPU path on CPU. The exact maths of each op is defined (and
+documented) in `native.py`; README.md explains the backends.
 """
-from pretrain.kernels.dispatch import gated_aggregate, gather_multiply_reduce, get_backend, neighbor_attention, set_backend
+from pretrain.kernels.dispatch import (
+    BACKENDS,
+    available_backends,
+    gated_aggregate,
+    gather_multiply_reduce,
+    get_backend,
+    neighbor_attention,
+    set_backend,
+)
 from pretrain.kernels.graph import CSRGraph
 
 __all__ = [
@@ -17,4 +27,6 @@ __all__ = [
     "gated_aggregate",
     "set_backend",
     "get_backend",
+    "available_backends",
+    "BACKENDS",
 ]

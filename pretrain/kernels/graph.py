@@ -21,6 +21,8 @@ class CSRGraph:
     offsets: torch.Tensor  # [N + 1] long
     num_nodes: int
     _by_sender: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _uniform: int | None | bool = field(default=False, repr=False)  # False: not computed yet
+    _chunks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_offsets(cls, senders: torch.Tensor, offsets: torch.Tensor) -> "CSRGraph":
@@ -36,6 +38,30 @@ class CSRGraph:
             raise ValueError("batch has no graph view: build it with a neighbour rule")
         return cls(
             senders=batch.edge_src, receivers=batch.edge_dst, offsets=batch.csr_offsets, num_nodes=batch.num_nodes
+        )
+
+    def validate(self) -> "CSRGraph":
+        """Raise a ValueError naming what is wrong; returns self so calls chain."""
+        n, e = self.num_nodes, self.num_edges
+        if self.offsets.numel() != n + 1:
+            raise ValueError(f"CSRGraph: offsets has {self.offsets.numel()} entries, expected num_nodes + 1 = {n + 1}")
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != e:
+            raise ValueError(f"CSRGraph: offsets must run from 0 to num_edges={e}, got {int(self.offsets[0])}..{int(self.offsets[-1])}")
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("CSRGraph: offsets must be non-decreasing (edges sorted by receiver)")
+        if self.receivers.numel() != e:
+            raise ValueError(f"CSRGraph: {self.receivers.numel()} receivers for {e} senders")
+        if e and (int(self.senders.min()) < 0 or int(self.senders.max()) >= n):
+            raise ValueError(f"CSRGraph: sender index out of range [0, {n})")
+        expected = torch.repeat_interleave(torch.arange(n, device=self.offsets.device), self.degree())
+        if not torch.equal(expected, self.receivers):
+            raise ValueError("CSRGraph: receivers disagree with offsets (edges must be sorted by receiver)")
+        return self
+
+    def to(self, device) -> "CSRGraph":
+        return CSRGraph(
+            senders=self.senders.to(device), receivers=self.receivers.to(device),
+            offsets=self.offsets.to(device), num_nodes=self.num_nodes,
         )
 
     @property
@@ -54,3 +80,31 @@ class CSRGraph:
             offsets[1:] = torch.cumsum(counts, 0)
             self._by_sender = (perm, offsets)
         return self._by_sender
+
+    # --- helpers for the chunked CPU backend (host-side ints, cached) -------------------------
+
+    def uniform_degree(self) -> int | None:
+        """k when every receiver has exactly k ≥ 1 edges (kNN graphs), else None. Cached."""
+        if self._uniform is False:
+            deg = self.degree()
+            k = int(deg[0]) if deg.numel() else 0
+            self._uniform = k if k > 0 and bool((deg == k).all()) else None
+        return self._uniform
+
+    def receiver_chunks(self, max_edges: int) -> list[tuple[int, int, int, int]]:
+        """Split receivers into runs [r0, r1) whose edges [e0, e1) number about `max_edges`.
+
+        A receiver's whole segment stays in one chunk (a softmax needs all of it); a receiver
+        with more than `max_edges` edges gets a chunk of its own. Cached per `max_edges`."""
+        cache = self._chunks
+        if max_edges not in cache:
+            offsets = self.offsets.tolist()
+            chunks, r0 = [], 0
+            while r0 < self.num_nodes:
+                # last receiver r1 with offsets[r1] - offsets[r0] <= max_edges, at least r0 + 1
+                r1 = int(torch.searchsorted(self.offsets, offsets[r0] + max_edges, right=True)) - 1
+                r1 = min(max(r1, r0 + 1), self.num_nodes)
+                chunks.append((r0, r1, offsets[r0], offsets[r1]))
+                r0 = r1
+            cache[max_edges] = chunks
+        return cache[max_edges]

@@ -1,0 +1,213 @@
+"""Fused CPU backend: the same maths as native.py, run in cache-sized receiver chunks.
+
+Why it is faster on CPU than the unfused composition. The unfused form allocates several E×d
+tensors per op (gathered sources, messages, their gradients) and autograd keeps the gathered
+ones alive until the backward. On a CPU each fresh E×d allocation is first-touched page by
+page, and each pass over it streams E×d through DRAM. Here the edges are walked in chunks of
+whole receivers (`CSRGraph.receiver_chunks`) whose per-edge temporaries (a few MiB) stay in
+cache; a custom autograd.Function saves only the inputs (plus a per-receiver log-sum-exp for
+attention) and the backward recomputes the per-edge intermediates chunk by chunk. The only
+E×d tensors allocated are the gradients of the E×d inputs, which the caller asked for.
+
+Segment sums use a reshape-sum when every receiver has the same degree (kNN graphs), else
+`index_add_` on the chunk-local (sorted) receiver index. Sender-side gradients accumulate with
+`index_add_` in edge order, so results are deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.kernels.graph import CSRGraph
+
+# Edges per chunk: a chunk's temporaries (about 4 tensors of CHUNK_EDGES × d) should sit in
+# L2/L3. Measured on the 2-core dev machine (benchmarks/neighbor_scatter.py --sweep-chunk).
+CHUNK_EDGES = 8192
+
+
+def _chunk_edges(d: int) -> int:
+    # keep a chunk's temporaries near 4 MiB at fp32 whatever the width
+    return max(256, CHUNK_EDGES * 128 // max(d, 1))
+
+
+def _segment_sum(messages: torch.Tensor, local_receivers: torch.Tensor, num_receivers: int, degree: int | None):
+    """[Ec, ...] → [Rc, ...] sum over each receiver's run of edges (edges sorted by receiver)."""
+    if degree is not None:
+        return messages.view(num_receivers, degree, *messages.shape[1:]).sum(1)
+    out = messages.new_zeros(num_receivers, *messages.shape[1:])
+    return out.index_add_(0, local_receivers, messages)
+
+
+class _Chunk:
+    """Index views of one receiver chunk."""
+
+    __slots__ = ("r0", "r1", "e0", "e1", "senders", "receivers", "local", "degree")
+
+    def __init__(self, graph: CSRGraph, r0: int, r1: int, e0: int, e1: int):
+        self.r0, self.r1, self.e0, self.e1 = r0, r1, e0, e1
+        self.senders = graph.senders[e0:e1]  # [Ec]
+        self.receivers = graph.receivers[e0:e1]  # [Ec]
+        self.local = self.receivers - r0  # [Ec] in [0, Rc)
+        self.degree = graph.uniform_degree()
+
+    @property
+    def rows(self) -> int:
+        return self.r1 - self.r0
+
+    def segment_sum(self, messages):
+        return _segment_sum(messages, self.local, self.rows, self.degree)
+
+    def expand(self, per_receiver: torch.Tensor) -> torch.Tensor:
+        """Rows r0:r1 of a per-receiver tensor repeated for each edge: [Rc, ...] → [Ec, ...]."""
+        block = per_receiver[self.r0 : self.r1]
+        if self.degree is not None:
+            return block.unsqueeze(1).expand(self.rows, self.degree, *block.shape[1:]).reshape(-1, *block.shape[1:])
+        return block.index_select(0, self.local)
+
+
+def _chunks(graph: CSRGraph, d: int):
+    return [_Chunk(graph, *c) for c in graph.receiver_chunks(_chunk_edges(d))]
+
+
+# ---------------------------------------------------------------------------------------------
+# a. gather-multiply-reduce
+# ---------------------------------------------------------------------------------------------
+
+
+class _GatherMultiplyReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, graph: CSRGraph, mean: bool):
+        chunks = _chunks(graph, x.shape[-1])
+        out = x.new_empty(graph.num_nodes, x.shape[-1])  # [N, d]; the chunks cover every receiver
+        for c in chunks:
+            messages = x.index_select(0, c.senders).mul_(w[c.e0 : c.e1])  # [Ec, d], in cache
+            out[c.r0 : c.r1] = c.segment_sum(messages)
+        if mean:
+            out /= graph.degree().clamp(min=1).to(out.dtype).unsqueeze(-1)
+        ctx.save_for_backward(x, w)
+        ctx.graph, ctx.mean, ctx.chunks = graph, mean, chunks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        graph, chunks = ctx.graph, ctx.chunks
+        if ctx.mean:
+            grad = grad / graph.degree().clamp(min=1).to(grad.dtype).unsqueeze(-1)  # [N, d]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.zeros_like(x) if need_x else None
+        gw = torch.empty_like(w) if need_w else None
+        for c in chunks:
+            g_e = c.expand(grad)  # [Ec, d] g of each edge's receiver
+            if need_w:
+                torch.mul(g_e, x.index_select(0, c.senders), out=gw[c.e0 : c.e1])
+            if need_x:
+                gx.index_add_(0, c.senders, g_e * w[c.e0 : c.e1])
+        return gx, gw, None, None
+
+
+@torch.compiler.disable  # a Python loop over chunks: keep dynamo from unrolling it
+def gather_multiply_reduce(x, edge_weight, graph: CSRGraph, reduce: str = "sum"):
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    return _GatherMultiplyReduce.apply(x, edge_weight, graph, reduce == "mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# b. neighbour attention (per-receiver softmax; saves lse [N, H] only)
+# ---------------------------------------------------------------------------------------------
+
+
+class _NeighborAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_edge, v_edge, graph: CSRGraph):
+        n, h, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        chunks = _chunks(graph, h * d)
+        out = q.new_zeros(n, h, d)  # [N, H, D]
+        lse = q.new_zeros(n, h)  # [N, H]
+        for c in chunks:
+            k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, H, D]
+            logits = (c.expand(q) * k_ij).sum(-1).mul_(scale)  # [Ec, H]
+            seg_max = torch.full((c.rows, h), float("-inf"), dtype=q.dtype)
+            seg_max.scatter_reduce_(0, c.local.unsqueeze(-1).expand_as(logits), logits, "amax")
+            p = (logits - c.expand(seg_max)).exp_()  # [Ec, H]
+            denom = c.segment_sum(p)  # [Rc, H], ≥ 1 for receivers with edges
+            v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
+            out[c.r0 : c.r1] = c.segment_sum(p.unsqueeze(-1) * v_ij) / denom.clamp(min=1e-30).unsqueeze(-1)
+            lse[c.r0 : c.r1] = torch.where(denom > 0, seg_max + denom.clamp(min=1e-30).log(), 0.0)
+        ctx.save_for_backward(q, k, v, k_edge, v_edge, out, lse)
+        ctx.graph, ctx.chunks = graph, chunks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, k_edge, v_edge, out, lse = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        delta = (grad * out).sum(-1)  # [N, H]  Δ_i = dO_i · O_i
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, H, D]
+        for c in ctx.chunks:
+            k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, H, D]
+            v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
+            q_e, g_e = c.expand(q), c.expand(grad)  # [Ec, H, D]
+            p = ((q_e * k_ij).sum(-1) * scale - c.expand(lse)).exp_()  # [Ec, H] α_e
+            torch.mul(p.unsqueeze(-1), g_e, out=dve[c.e0 : c.e1])  # dv_ij
+            ds = p * ((g_e * v_ij).sum(-1) - c.expand(delta))  # [Ec, H]
+            dq[c.r0 : c.r1] = c.segment_sum(ds.unsqueeze(-1) * k_ij) * scale
+            torch.mul(ds.unsqueeze(-1) * scale, q_e, out=dke[c.e0 : c.e1])  # dk_ij
+            dk.index_add_(0, c.senders, dke[c.e0 : c.e1])
+            dv.index_add_(0, c.senders, dve[c.e0 : c.e1])
+        return dq, dk, dv, dke, dve, None
+
+
+@torch.compiler.disable  # a Python loop over chunks: keep dynamo from unrolling it
+def neighbor_attention(q, k, v, k_edge, v_edge, graph: CSRGraph):
+    return _NeighborAttention.apply(q, k, v, k_edge, v_edge, graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# c. sigmoid-gated aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+class _GatedAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_edge, v_edge, graph: CSRGraph):
+        n, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        chunks = _chunks(graph, d)
+        out = q.new_zeros(n, d)  # [N, d]
+        for c in chunks:
+            gate = c.expand(q) * k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
+            gate.mul_(scale).sigmoid_()
+            messages = gate.mul_(v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1]))
+            out[c.r0 : c.r1] = c.segment_sum(messages)
+        ctx.save_for_backward(q, k, v, k_edge, v_edge)
+        ctx.graph, ctx.chunks = graph, chunks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, k_edge, v_edge = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, d]
+        for c in ctx.chunks:
+            k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
+            v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
+            q_e, g_e = c.expand(q) * scale, c.expand(grad)
+            gate = (q_e * k_ij).sigmoid_()
+            torch.mul(g_e, gate, out=dve[c.e0 : c.e1])  # dv_ij
+            dz = gate.mul_(1.0 - gate).mul_(g_e).mul_(v_ij)  # [Ec, d] ∂L/∂z (reuses gate's memory)
+            dq[c.r0 : c.r1] = c.segment_sum(dz * k_ij) * scale
+            torch.mul(dz, q_e, out=dke[c.e0 : c.e1])  # dk_ij
+            dk.index_add_(0, c.senders, dke[c.e0 : c.e1])
+            dv.index_add_(0, c.senders, dve[c.e0 : c.e1])
+        return dq, dk, dv, dke, dve, None
+
+
+@torch.compiler.disable  # a Python loop over chunks: keep dynamo from unrolling it
+def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
+    return _GatedAggregate.apply(q, k, v, k_edge, v_edge, graph)
