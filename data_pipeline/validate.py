@@ -1,0 +1,167 @@
+"""Validation of parsed crystal records, and the stable reject codes every reader and the build use.
+
+A reject reason is always the string ``"<code>: <detail>"``. The code is one of `REJECT_CODES`
+(stable: manifests count rejects by it, so never rename one); the detail names what was wrong
+in words a user can act on ("forces shape (5, 3) != (6, 3)").
+
+Codes:
+
+  unparsable          the raw text/document could not be parsed at all (bad CIF, bad POSCAR,
+                      a structure dict pymatgen refuses, an unreadable archive member)
+  truncated_file      the file ends in the middle of a document (reported once, by `scan`;
+                      complete entries before the cut are still yielded)
+  missing_field       a field the layout requires is absent (no structure, no `force` key in an
+                      MPtrj frame, no CIF for a CSV row)
+  bad_label_type      a label has the wrong JSON type (an energy given as a string, a list where
+                      a number belongs, a boolean)
+  label_shape         an array label does not match the atom count (forces N×3, stress 3×3,
+                      magmoms N)
+  non_finite          NaN or ±Inf in the lattice, coordinates or any label
+  empty               a structure with no atoms
+  unknown_element     an element symbol that is not an element, or Z outside 1..MAX_Z (100)
+  disordered          partial occupancies / mixed sites (the record holds one species per site)
+  degenerate_lattice  lattice vectors (nearly) linearly dependent or of (nearly) zero length
+  volume_too_small    cell volume ≤ 0.1 Å³ per atom
+  atoms_too_close     two atoms (or an atom and its own periodic image) closer than 0.5 Å,
+                      measured with periodic minimum images
+
+`validate(record)` checks what can be checked on a `CrystalRecord` (everything but the
+parse-time codes) and raises `RecordError` with the first problem found; it returns None for a
+good record. It is cheap: one vesin neighbour search with a 0.5 Å cutoff per record.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from data_pipeline.readers.base import RecordError
+from data_pipeline.record import ARRAY_LABELS, MAX_Z, SCALAR_LABELS, CrystalRecord
+
+REJECT_CODES: dict[str, str] = {
+    "unparsable": "the raw text or document could not be parsed",
+    "truncated_file": "the file ends inside a document",
+    "missing_field": "a required field is absent",
+    "bad_label_type": "a label has the wrong type (e.g. an energy given as a string)",
+    "label_shape": "an array label does not match the number of atoms",
+    "non_finite": "NaN or Inf in lattice, coordinates or labels",
+    "empty": "a structure with no atoms",
+    "unknown_element": "not an element, or Z outside 1..MAX_Z",
+    "disordered": "partial occupancies or mixed sites",
+    "degenerate_lattice": "lattice vectors (nearly) linearly dependent or of zero length",
+    "volume_too_small": "cell volume <= 0.1 Å^3 per atom",
+    "atoms_too_close": "two atoms closer than 0.5 Å (periodic minimum image)",
+}
+
+MIN_DISTANCE = 0.5  # Å, periodic minimum image
+MIN_VOLUME_PER_ATOM = 0.1  # Å^3
+# |det L| / (|a||b||c|) is the volume of the parallelepiped of unit vectors: 1 for a cube, 0 when
+# the vectors are coplanar. Below this the cell is numerically flat (angles within ~0.06° of 0/180).
+MIN_NORMALISED_VOLUME = 1e-3
+MIN_VECTOR_LENGTH = 1e-3  # Å
+
+
+def reject(code: str, detail: str) -> RecordError:
+    """A `RecordError` whose message is ``"<code>: <detail>"``; unknown codes are a programming error."""
+    if code not in REJECT_CODES:
+        raise KeyError(f"unknown reject code {code!r}; known: {sorted(REJECT_CODES)}")
+    return RecordError(f"{code}: {detail}")
+
+
+def reason_code(reason: str | BaseException) -> str:
+    """The code of a reason string (``"non_finite: ..."`` → ``"non_finite"``); "unparsable" otherwise."""
+    code = str(reason).split(":", 1)[0].strip()
+    return code if code in REJECT_CODES else "unparsable"
+
+
+def as_float(value, name: str) -> float | None:
+    """A JSON/CSV scalar label as float, None for null; strings, bools and lists are `bad_label_type`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise reject("bad_label_type", f"{name} is {type(value).__name__} {str(value)[:40]!r}, expected a number")
+    return float(value)
+
+
+def validate(record: CrystalRecord) -> None:
+    """Raise `RecordError("<code>: <detail>")` for the first problem found, else return None."""
+    _check_atoms(record)
+    _check_finite(record)
+    _check_labels(record)
+    _check_lattice(record)
+    _check_distances(record)
+
+
+# ---------------------------------------------------------------------------------------- stages
+def _check_atoms(record: CrystalRecord) -> None:
+    if record.num_atoms == 0:
+        raise reject("empty", "structure has no atoms")
+    z = record.atomic_numbers
+    bad = (z < 1) | (z > MAX_Z)
+    if bad.any():
+        raise reject("unknown_element", f"atomic number {int(z[bad][0])} outside 1..{MAX_Z}")
+    if record.frac_coords.shape != (record.num_atoms, 3):
+        raise reject("label_shape", f"frac_coords shape {record.frac_coords.shape} != ({record.num_atoms}, 3)")
+
+
+def _check_finite(record: CrystalRecord) -> None:
+    if not np.isfinite(record.lattice).all():
+        raise reject("non_finite", "lattice has NaN/Inf")
+    if not np.isfinite(record.frac_coords).all():
+        raise reject("non_finite", "coordinates have NaN/Inf")
+
+
+def _check_labels(record: CrystalRecord) -> None:
+    n = record.num_atoms
+    for name in SCALAR_LABELS:
+        value = getattr(record, name)
+        if value is None:
+            continue
+        value = as_float(value, name)
+        if not np.isfinite(value):
+            raise reject("non_finite", f"{name} is {value}")
+    for name, value in record.properties.items():
+        value = as_float(value, f"properties[{name!r}]")
+        if value is not None and not np.isfinite(value):
+            raise reject("non_finite", f"properties[{name!r}] is {value}")
+    for name, shape_of in ARRAY_LABELS.items():
+        value = getattr(record, name)
+        if value is None:
+            continue
+        if value.dtype.kind not in "fiu":
+            raise reject("bad_label_type", f"{name} has dtype {value.dtype}, expected numbers")
+        if value.shape != shape_of(n):
+            raise reject("label_shape", f"{name} shape {value.shape} != {shape_of(n)}")
+        if not np.isfinite(value).all():
+            raise reject("non_finite", f"{name} has NaN/Inf")
+
+
+def _check_lattice(record: CrystalRecord) -> None:
+    lengths = np.linalg.norm(record.lattice, axis=1)  # [3]
+    if (lengths < MIN_VECTOR_LENGTH).any():
+        raise reject("degenerate_lattice", f"lattice vector lengths {np.round(lengths, 6).tolist()} Å")
+    volume = record.volume
+    if volume / float(np.prod(lengths)) < MIN_NORMALISED_VOLUME:
+        raise reject("degenerate_lattice", f"lattice vectors (nearly) coplanar, volume {volume:.3g} Å^3")
+    if volume / record.num_atoms <= MIN_VOLUME_PER_ATOM:
+        raise reject("volume_too_small", f"{volume / record.num_atoms:.3g} Å^3/atom <= {MIN_VOLUME_PER_ATOM}")
+
+
+_calculator = None
+
+
+def _check_distances(record: CrystalRecord) -> None:
+    global _calculator
+    if _calculator is None:  # one per process: vesin's setup costs more than a small cell's search
+        from vesin import NeighborList
+
+        _calculator = NeighborList(cutoff=MIN_DISTANCE, full_list=False, n_threads=1)
+    cart = record.cart_coords  # [N, 3]
+    i, j, d = _calculator.compute(points=cart, box=record.lattice, periodic=True, quantities="ijd")
+    if len(d):
+        k = int(np.argmin(d))
+        what = "its own periodic image" if i[k] == j[k] else f"atom {int(j[k])}"
+        raise reject(
+            "atoms_too_close",
+            f"atom {int(i[k])} is {float(d[k]):.3f} Å from {what} (minimum {MIN_DISTANCE} Å)",
+        )
