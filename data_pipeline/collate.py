@@ -34,12 +34,13 @@ def pdd_features(record: CrystalRecord, k: int) -> np.ndarray:
 
     Column 0 (amd's weight column, 1/N for an uncollapsed PDD) is replaced by Z_i / ΣZ so the
     row also says which element sits there (the PDDFormer input); columns 1..k are the atom's
-    sorted distances to its k nearest periodic neighbours (Å).
+    sorted distances to its k nearest periodic neighbours (Å). `lexsort=False` keeps row i on atom i
+    (amd sorts rows lexicographically by default, which would hand atoms other atoms' rows).
     """
     import amd
 
     periodic_set = amd.PeriodicSet(record.cart_coords, record.lattice, types=record.atomic_numbers)
-    pdd = np.asarray(amd.PDD(periodic_set, k, collapse=False), dtype=np.float64)
+    pdd = np.asarray(amd.PDD(periodic_set, k, lexsort=False, collapse=False), dtype=np.float64)
     z = record.atomic_numbers.astype(np.float64)
     pdd[:, 0] = z / z.sum()
     return pdd
