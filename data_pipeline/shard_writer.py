@@ -1,0 +1,138 @@
+"""Deterministic tar writing: the same samples in the same order give the same bytes.
+
+We write tars with `tarfile` ourselves rather than webdataset's TarWriter or Ray Data's
+`write_webdataset`: every member gets mtime 0, uid/gid 0, empty user/group names and mode 0644,
+members go in the order given (sample by sample, `.json` before `.safetensors`), and the file is
+written to a temporary name and renamed, so a killed build never leaves a half shard under the
+final name. Ray Data's writer names files by uuid and its default `.pt` decoder unpickles; we
+store only JSON and safetensors, so reading a shard never executes code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from data_pipeline.shard_format import ARRAYS_EXT, JSON_EXT
+
+MEMBER_EXTS = (JSON_EXT, ARRAYS_EXT)
+_BLOCK = 512
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def member_bytes(name: str, size: int) -> int:
+    """Bytes one member takes in a tar (header + padded data; long names add a PAX header)."""
+    data = -(-size // _BLOCK) * _BLOCK
+    header = _BLOCK if len(name.encode()) <= 100 else 3 * _BLOCK + -(-len(name.encode()) // _BLOCK) * _BLOCK
+    return header + data
+
+
+def sample_tar_bytes(name: str, sizes: dict[str, int]) -> int:
+    return sum(member_bytes(f"{name}.{ext}", sizes[ext]) for ext in MEMBER_EXTS)
+
+
+class DeterministicTarWriter:
+    """Append webdataset samples to a tar; `close()` renames it into place and returns its sha256.
+
+    `offsets` maps each member name to (data offset, size) so a reader can seek straight to one
+    sample without scanning the tar (used for the build's intermediate chunk files).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        self._file = open(self.tmp, "wb")
+        self._hash = _HashingFile(self._file)
+        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.num_samples = 0
+
+    def write(self, sample: dict) -> None:
+        name = sample["__key__"]
+        for ext in MEMBER_EXTS:
+            data = sample[ext]
+            data = data.encode() if isinstance(data, str) else bytes(data)
+            info = _tarinfo(f"{name}.{ext}", len(data))
+            self._tar.addfile(info, io.BytesIO(data))
+            # tarfile copies the TarInfo, so locate the data from the archive's end offset.
+            self.offsets[info.name] = (self._tar.offset - -(-len(data) // _BLOCK) * _BLOCK, len(data))
+        self.num_samples += 1
+
+    def close(self) -> tuple[str, int]:
+        """Finish the tar, fsync, rename to the final path; returns (sha256 hex, size in bytes)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = self._file.tell()
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return self._hash.hexdigest(), size
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DeterministicTarWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes what passes through (tarfile needs write/tell)."""
+
+    def __init__(self, file):
+        self._file = file
+        self._sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._sha.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def write_tar(path: str | Path, samples: Iterable[dict]) -> tuple[str, int, int]:
+    """Write samples to `path` deterministically; returns (sha256, bytes, number of samples)."""
+    with DeterministicTarWriter(path) as writer:
+        for sample in samples:
+            writer.write(sample)
+        sha, size = writer.close()
+    return sha, size, writer.num_samples
+
+
+def read_members(path: str | Path, refs: Iterable[tuple[str, int, int]]) -> Iterator[bytes]:
+    """Read members by (name, offset, size) from a tar written by `DeterministicTarWriter`."""
+    with open(path, "rb") as handle:
+        for _, offset, size in refs:
+            handle.seek(offset)
+            yield handle.read(size)
+
+
+def file_sha256(path: str | Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
