@@ -1,0 +1,184 @@
+"""GNoME (google-deepmind/materials_discovery): `stable_materials_summary.csv` + `by_id/<MaterialId>.CIF`.
+
+`path` may be
+  * a folder holding a `stable_materials_summary*.csv` and `by_id.zip` or `by_id/`;
+  * the summary CSV itself (its structures are looked for as `by_id.zip` / `by_id/` beside it,
+    then one folder up; or pass `structures=` explicitly);
+  * a `by_id.zip` or `by_id/` folder alone (structures without labels).
+The zip is read in place (never extracted). With a CSV, rows are read in CSV order and each row's
+CIF `by_id/<MaterialId>.CIF` is fetched from the zip/folder (a row without one is a
+`missing_field` reject); CIFs without a row are not read. Without a CSV, every `.CIF` is read in
+sorted order.
+
+MaterialId is always text: the csv module never converts cells, so ids such as `0952432756`,
+`21e1799121` or `70960736e3` (which pandas may turn into 952432756, inf, 7.096e10) stay intact.
+Column names are matched case-insensitively ignoring spaces and punctuation, so the 2023-12
+(21 columns), 2024-08 (`Unnamed: 0` + 21) and current (`Uncorrected Energy`/`UnCorrected Energy`,
+`Data Directory`) headers all work; empty cells are missing values.
+
+Labels: Formation Energy Per Atom → formation_energy_per_atom (eV/atom); Corrected Energy →
+energy (eV, total) and energy_per_atom (÷ number of atoms); Bandgap → band_gap (eV);
+Uncorrected Energy and the five Decomposition Energy columns → properties
+(`uncorrected_energy`, `decomposition_energy_per_atom`, `..._all`, `..._relative`, `..._mp`,
+`..._mp_oqmd`; eV or eV/atom). Key `gnome:<MaterialId>`, group = MaterialId.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+from data_pipeline.readers import register_reader
+from data_pipeline.readers._archive import container_label, iter_members
+from data_pipeline.readers._common import arrays_from_cif, csv_float, make_record, open_text
+from data_pipeline.readers.base import RawEntry, Reject
+from data_pipeline.readers.structure_files import decode_text, member_stem
+from data_pipeline.record import CrystalRecord
+
+# normalised column name → (record field | "properties.<name>")
+COLUMNS = {
+    "formationenergyperatom": "formation_energy_per_atom",
+    "correctedenergy": "energy",
+    "bandgap": "band_gap",
+    "uncorrectedenergy": "properties.uncorrected_energy",
+    "decompositionenergyperatom": "properties.decomposition_energy_per_atom",
+    "decompositionenergyperatomall": "properties.decomposition_energy_per_atom_all",
+    "decompositionenergyperatomrelative": "properties.decomposition_energy_per_atom_relative",
+    "decompositionenergyperatommp": "properties.decomposition_energy_per_atom_mp",
+    "decompositionenergyperatommpoqmd": "properties.decomposition_energy_per_atom_mp_oqmd",
+}
+ID_COLUMN = "materialid"
+
+
+def normalise(column: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", column.lower())
+
+
+class _Structures:
+    """Random access to `by_id/<id>.CIF` in a zip or a folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.zip = zipfile.ZipFile(path) if path.is_file() else None
+        if self.zip is not None:
+            # id → member name; accepts by_id/<id>.CIF at any depth and any extension case
+            self.members = {member_stem(n): n for n in self.zip.namelist() if n.lower().endswith(".cif")}
+
+    def read(self, material_id: str) -> tuple[str, bytes | None]:
+        if self.zip is not None:
+            member = self.members.get(material_id)
+            return (f"{self.path.name}!{member or f'by_id/{material_id}.CIF'}",
+                    None if member is None else self.zip.read(member))
+        for name in (f"{material_id}.CIF", f"{material_id}.cif"):
+            file = self.path / name
+            if file.is_file():
+                return f"{self.path.name}/{name}", file.read_bytes()
+        return f"{self.path.name}/{material_id}.CIF", None
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+
+def find_structures(folder: Path) -> Path | None:
+    for candidate in (folder / "by_id.zip", folder / "by_id"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@register_reader("gnome")
+class GnomeReader:
+    name = "gnome"
+
+    def __init__(self, path, source: str = "gnome", structures=None, fast_cif: bool = True):
+        self.path = Path(path)
+        self.source = source
+        self.fast_cif = fast_cif
+        self.csv: Path | None = None
+        if self.path.is_file() and self.path.name.lower().endswith((".csv", ".csv.gz")):
+            self.csv = self.path
+        elif self.path.is_dir() and self.path.name != "by_id":
+            found = sorted(self.path.glob("stable_materials_summary*.csv*"))
+            self.csv = found[0] if found else None
+        if structures is not None:
+            self.structures = Path(structures)
+        elif self.csv is not None:
+            self.structures = find_structures(self.csv.parent) or find_structures(self.csv.parent.parent)
+        elif self.path.is_dir() and self.path.name != "by_id":
+            self.structures = find_structures(self.path) or self.path  # or a plain folder of CIFs
+        else:
+            self.structures = self.path  # by_id.zip or by_id/
+        if self.structures is None or not self.structures.exists():
+            raise FileNotFoundError(
+                f"gnome reader: no by_id.zip or by_id/ next to {self.csv}; pass structures=PATH to the CIFs"
+            )
+
+    # ------------------------------------------------------------------------------ scan
+    def scan(self) -> Iterator[RawEntry | Reject]:
+        if self.csv is None:
+            yield from self._scan_structures_only()
+        else:
+            yield from self._scan_csv()
+
+    def _scan_structures_only(self) -> Iterator[RawEntry | Reject]:
+        where = container_label(self.structures)
+        for member, data in iter_members(self.structures, lambda m: m.lower().endswith(".cif")):
+            material_id = member_stem(member)
+            key = f"{self.source}:{material_id}"
+            if isinstance(data, Exception) or member == "":
+                yield Reject(key=key, source=self.source, location=f"{where}{member}",
+                             reason=f"unparsable: unreadable member ({data})")
+                continue
+            yield RawEntry(source=self.source, key=key, group=material_id, location=f"{where}{member}",
+                           payload={"cif": decode_text(data), "labels": {}})
+
+    def _scan_csv(self) -> Iterator[RawEntry | Reject]:
+        structures = _Structures(self.structures)
+        try:
+            with open_text(self.csv) as handle:
+                reader = csv.reader(handle)
+                header = [normalise(c) for c in next(reader, [])]
+                if ID_COLUMN not in header:
+                    yield Reject(key=f"{self.source}:{self.csv.name}", source=self.source, location=self.csv.name,
+                                 reason=f"missing_field: no MaterialId column in {self.csv.name}")
+                    return
+                id_at = header.index(ID_COLUMN)
+                wanted = [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
+                for row_number, row in enumerate(reader, start=1):
+                    row_at = f"{self.csv.name}:row {row_number}"
+                    material_id = row[id_at].strip() if id_at < len(row) else ""
+                    if not material_id:
+                        yield Reject(key=f"{self.source}:{row_at}", source=self.source, location=row_at,
+                                     reason="missing_field: empty MaterialId")
+                        continue
+                    key = f"{self.source}:{material_id}"
+                    location, data = structures.read(material_id)
+                    if data is None:
+                        yield Reject(key=key, source=self.source, location=f"{row_at} → {location}",
+                                     reason=f"missing_field: no CIF {location} for this row")
+                        continue
+                    labels = {field: row[i] for i, field in wanted if i < len(row)}
+                    yield RawEntry(source=self.source, key=key, group=material_id, location=f"{row_at} → {location}",
+                                   payload={"cif": decode_text(data), "labels": labels})
+        finally:
+            structures.close()
+
+    # ----------------------------------------------------------------------------- parse
+    def parse(self, entry: RawEntry) -> CrystalRecord:
+        arrays = arrays_from_cif(entry.payload["cif"], fast=self.fast_cif)
+        labels: dict = {}
+        properties: dict[str, float] = {}
+        for field, text in entry.payload["labels"].items():
+            value = csv_float(text, field)
+            if value is None:
+                continue
+            if field.startswith("properties."):
+                properties[field.split(".", 1)[1]] = value
+            else:
+                labels[field] = value
+        if "energy" in labels:
+            labels["energy_per_atom"] = labels["energy"] / len(arrays[0])
+        return make_record(entry.key, entry.source, arrays, group=entry.group, properties=properties, **labels)
