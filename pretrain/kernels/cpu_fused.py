@@ -28,7 +28,7 @@ CHUNK_EDGES = 8192
 
 def _chunk_edges(d: int) -> int:
     # keep a chunk's temporaries near 4 MiB at fp32 whatever the width
-    return max(256, CHUNK_EDGES * 128 // max(d, 1))
+    return max(1, CHUNK_EDGES * 128 // max(d, 1))
 
 
 def _segment_sum(messages: torch.Tensor, local_receivers: torch.Tensor, num_receivers: int, degree: int | None):
@@ -59,8 +59,11 @@ class _Chunk:
         return _segment_sum(messages, self.local, self.rows, self.degree)
 
     def expand(self, per_receiver: torch.Tensor) -> torch.Tensor:
-        """Rows r0:r1 of a per-receiver tensor repeated for each edge: [Rc, ...] → [Ec, ...]."""
-        block = per_receiver[self.r0 : self.r1]
+        """Rows r0:r1 of a per-receiver tensor [N, ...] repeated for each edge → [Ec, ...]."""
+        return self.expand_local(per_receiver[self.r0 : self.r1])
+
+    def expand_local(self, block: torch.Tensor) -> torch.Tensor:
+        """A chunk-local per-receiver tensor [Rc, ...] repeated for each edge → [Ec, ...]."""
         if self.degree is not None:
             return block.unsqueeze(1).expand(self.rows, self.degree, *block.shape[1:]).reshape(-1, *block.shape[1:])
         return block.index_select(0, self.local)
@@ -132,7 +135,7 @@ class _NeighborAttention(torch.autograd.Function):
             logits = (c.expand(q) * k_ij).sum(-1).mul_(scale)  # [Ec, H]
             seg_max = torch.full((c.rows, h), float("-inf"), dtype=q.dtype)
             seg_max.scatter_reduce_(0, c.local.unsqueeze(-1).expand_as(logits), logits, "amax")
-            p = (logits - c.expand(seg_max)).exp_()  # [Ec, H]
+            p = (logits - c.expand_local(seg_max)).exp_()  # [Ec, H]
             denom = c.segment_sum(p)  # [Rc, H], ≥ 1 for receivers with edges
             v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
             out[c.r0 : c.r1] = c.segment_sum(p.unsqueeze(-1) * v_ij) / denom.clamp(min=1e-30).unsqueeze(-1)
