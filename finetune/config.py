@@ -1,0 +1,138 @@
+"""One typed config per fine-tune run, and one per sweep. Every field has a default; unknown keys
+are rejected (a typo in a YAML must not silently train something else)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODES = ("full", "frozen", "scratch")
+PROBES = ("mlp", "linear")
+
+
+def _from_dict(cls, data: dict | None, where: str):
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tune run: one task, one encoder, one label fraction, one seed."""
+
+    task: str = "mp20_formation_energy"
+    # A release directory (from `crystalfm pretrain release`) or "scratch".
+    encoder: str = "scratch"
+    # Architecture for `encoder: scratch` without a release (e.g. {"name": "pddformer", ...}).
+    # With a release directory and mode "scratch", the release's own architecture is used.
+    encoder_config: dict | None = None
+    mode: str = "full"  # full | frozen | scratch ("scratch" encoder implies mode scratch)
+    probe: str = "mlp"  # frozen mode only: "linear" (readout + one Linear) or "mlp"
+    readout: str = "mean"  # mean | sum | attention
+    head_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    dropout: float = 0.0
+    fraction: float = 1.0  # fraction of the task's training labels used (nested across fractions)
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3  # head (and scratch encoder) learning rate
+    encoder_lr: float | None = None  # full fine-tuning: encoder learning rate (default: lr)
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = 5.0
+    patience: int | None = None  # early stopping on validation MAE (epochs); None: off
+    normalize: str = "standard"  # target normalisation: standard | none
+    max_train: int | None = None  # cap on training crystals after the fraction (quick runs)
+    max_eval: int | None = None  # cap on validation and test crystals each
+    num_workers: int = 0  # DataLoader workers building neighbour lists / tokens
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data_root: str | None = None  # default: $CRYSTALFM_SHARED_DATA or ../shared/data beside the repo
+    out: str = "finetune_runs"  # root of the default MLflow store, artifacts and model dirs
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<out>/mlflow.db
+    register: bool = True  # keep the best run per task registered with alias "best"
+    # User CSV tasks ("csv:PATH"): name and unit of the value column.
+    target_name: str | None = None
+    unit: str | None = None
+
+    def __post_init__(self):
+        if self.encoder == "scratch":
+            self.mode = "scratch"
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}")
+        if not 0.0 < float(self.fraction) <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.scheduler not in ("cosine", "constant"):
+            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {self.scheduler!r}")
+        if self.encoder == "scratch" and self.encoder_config is None:
+            raise ValueError(
+                "encoder 'scratch' needs an architecture: give encoder_config (e.g. "
+                "--encoder-config '{\"name\": \"pddformer\"}') or a release directory with --mode scratch"
+            )
+        self.head_hidden = [int(x) for x in self.head_hidden]
+        self.fraction = float(self.fraction)
+        self.seed = int(self.seed)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "FinetuneConfig":
+        return _from_dict(cls, data, "finetune config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "FinetuneConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def head_layers(self) -> tuple[int, ...]:
+        """Hidden widths of the head: none for a linear probe."""
+        return () if (self.mode == "frozen" and self.probe == "linear") else tuple(self.head_hidden)
+
+
+@dataclass
+class SweepConfig:
+    """tasks × encoders × fractions × seeds; every run shares `train` (FinetuneConfig fields)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["mp20_formation_energy"])
+    # Release directories and/or "scratch". Each release is also run in every mode of `modes`.
+    encoders: list[str] = field(default_factory=lambda: ["scratch"])
+    modes: list[str] = field(default_factory=lambda: ["full"])
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    train: dict = field(default_factory=dict)
+    # "ray" (parallel runs on this machine or the Ray cluster in $RAY_ADDRESS) or "serial".
+    backend: str = "ray"
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0  # e.g. 0.25 packs four runs on one GPU
+    max_parallel: int | None = None  # default: as many as the resources allow
+    compare_after: bool = True  # print and save the comparison table when the sweep ends
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "SweepConfig":
+        config = _from_dict(cls, data, "sweep config")
+        FinetuneConfig.from_dict({**config.train, "encoder": "x"})  # reject bad train keys early
+        if config.backend not in ("ray", "serial"):
+            raise ValueError(f"sweep backend must be 'ray' or 'serial', got {config.backend!r}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

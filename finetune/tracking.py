@@ -1,0 +1,167 @@
+"""MLflow tracking of fine-tune runs: one experiment per task, tagged runs, the registry alias.
+
+Store: `--tracking-uri`, else $MLFLOW_TRACKING_URI, else a local SQLite store
+`sqlite:///<out>/mlflow.db` whose experiments keep artifacts under `<out>/artifacts`
+(browse with `mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db`).
+
+Every run carries the tags the comparison groups by (`TAGS`): task, encoder (release id or
+"scratch"), mode, fraction, seed; plus the pretraining MLflow run id when the release records
+one. The best run of a task (lowest best-epoch validation MAE — never chosen on test) is
+registered as model `crystalfm-<task>` with alias `best`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+EXPERIMENT_PREFIX = "finetune/"
+MODEL_PREFIX = "crystalfm-"
+BEST_ALIAS = "best"
+SELECT_METRIC = "best_val_mae"
+TAGS = ("task", "target", "unit", "encoder", "encoder_name", "mode", "fraction", "seed")
+
+
+def resolve_tracking_uri(out: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def experiment_name(task: str) -> str:
+    return f"{EXPERIMENT_PREFIX}{task}"
+
+
+def registered_model_name(task: str) -> str:
+    return f"{MODEL_PREFIX}{task}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """A thin layer over `MlflowClient` (explicit client, no global active run: safe in Ray workers)."""
+
+    def __init__(self, out: str | os.PathLike = "finetune_runs", tracking_uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.out = Path(out).expanduser().resolve()
+        self.uri = resolve_tracking_uri(self.out, tracking_uri)
+        self.local_store = self.uri.startswith("sqlite:///") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.run_id: str | None = None
+
+    # ------------------------------------------------------------------ experiments and runs
+    def experiment_id(self, task: str) -> str:
+        name = experiment_name(task)
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = (self.out / "artifacts").as_uri() if self.local_store else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location, tags={"crystalfm.task": task})
+        except Exception:  # another worker created it first
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def start(self, task: str, run_name: str, tags: dict, params: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id(task),
+            run_name=run_name,
+            tags={**{k: str(v) for k, v in tags.items() if v is not None}, "crystalfm.git_commit": git_commit()},
+        )
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in list(flat.items())[i : i + 100]])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import math
+
+        from mlflow.entities import Metric
+
+        from time import time
+
+        now = int(time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def artifact_uri(self, sub: str = "") -> str:
+        uri = self.client.get_run(self.run_id).info.artifact_uri
+        return f"{uri}/{sub}" if sub else uri
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # ------------------------------------------------------------------ registry
+    def register_best(self, task: str, artifact_path: str = "model") -> dict | None:
+        """Point alias `best` of model `crystalfm-<task>` at the finished run with the lowest
+        validation MAE; a new version is created only when the best run changed."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(experiment_name(task))
+        if experiment is None:
+            return None
+        runs = self.client.search_runs(
+            [experiment.experiment_id],
+            filter_string="attributes.status = 'FINISHED'",
+            order_by=[f"metrics.{SELECT_METRIC} ASC"],
+            max_results=1,
+        )
+        if not runs or SELECT_METRIC not in runs[0].data.metrics:
+            return None
+        best = runs[0]
+        name = registered_model_name(task)
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(name, description=f"best crystalfm fine-tuned model for {task}")
+            except MlflowException:
+                pass  # created concurrently
+        try:
+            current = self.client.get_model_version_by_alias(name, BEST_ALIAS)
+            if current.run_id == best.info.run_id:
+                return {"name": name, "version": current.version, "run_id": best.info.run_id, "changed": False}
+        except MlflowException:
+            pass
+        version = self.client.create_model_version(
+            name, source=f"{best.info.artifact_uri}/{artifact_path}", run_id=best.info.run_id,
+            tags={k: best.data.tags.get(k, "") for k in TAGS},
+        )
+        self.client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+        return {"name": name, "version": version.version, "run_id": best.info.run_id, "changed": True}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
