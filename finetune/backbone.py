@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from data_pipeline.collate import BatchViews
-from data_pipeline.neighbors import NeighborRule
 
 
 @dataclass
@@ -80,20 +79,14 @@ def rebuild_encoder(spec: dict) -> torch.nn.Module:
 
 def views_for(encoder: torch.nn.Module) -> BatchViews:
     """The batch views an encoder declares it needs (graph with its neighbour rule, tokens, PDD)."""
-    graph = None
-    if getattr(encoder, "needs_graph", False):
-        rule = getattr(encoder, "neighbor_rule", None)
-        graph = NeighborRule(**rule) if rule else NeighborRule()
-    pdd_k = int(encoder.pdd_k) if getattr(encoder, "needs_pdd", False) else None
-    return BatchViews(graph=graph, tokens=bool(getattr(encoder, "needs_tokens", False)), pdd_k=pdd_k)
+    return BatchViews.from_dict(views_dict(encoder))
 
 
-def views_to_dict(views: BatchViews) -> dict:
-    graph = None
-    if views.graph is not None:
-        g = views.graph
-        graph = {"kind": g.kind, "cutoff": g.cutoff, "k": g.k, "max_cutoff": g.max_cutoff, "lattice_self_edges": g.lattice_self_edges}
-    return {"graph": graph, "tokens": views.tokens, "pdd_k": views.pdd_k}
+def views_dict(encoder: torch.nn.Module) -> dict:
+    """The same as JSON (stored in model.json): pretrain's own rule, so both stages build alike."""
+    from pretrain.objectives.config import encoder_views
+
+    return encoder_views(encoder)
 
 
 def _encoder_name(spec: dict, module) -> str:

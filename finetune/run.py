@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.backbone import Backbone, load_backbone, views_to_dict
+from finetune.backbone import Backbone, load_backbone, views_dict
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData, load_task_data
 from finetune.model_dir import save_model_dir
@@ -138,7 +138,7 @@ def _model_meta(config: FinetuneConfig, task, backbone: Backbone, result: FitRes
         "encoder_spec": backbone.spec,
         "encoder_label": backbone.label,
         "encoder_info": backbone.info,
-        "views": views_to_dict(result.views),
+        "views": views_dict(backbone.encoder),
         "head": {"readout": config.readout, "hidden": list(config.head_layers), "dropout": config.dropout},
         "mode": config.mode,
         "fraction": config.fraction,

@@ -1,0 +1,177 @@
+"""Sweeps: tasks × encoders × modes × fractions × seeds, each an independent fine-tune run.
+
+    expand(sweep)            the run configs, in a fixed order ("scratch" encoders run once per
+                             cell, in mode scratch; releases once per mode in `modes`)
+    select_shard(runs, i, n) runs[i::n]: a SLURM array task runs its share (`--shard i/n`, or
+                             SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set)
+    run_sweep(sweep)         the driver prepares the MLflow store (schema, experiments), runs the
+                             configs serially or as Ray tasks (local Ray, or the cluster named by
+                             RAY_ADDRESS), never lets one failed run stop the rest, then registers
+                             the best run per task and prints the comparison table
+
+Ray tasks reserve `cpus_per_run` CPUs and `gpus_per_run` GPUs each, so a single GPU node packs
+several small fine-tunes.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+
+from finetune.config import FinetuneConfig, SweepConfig
+from finetune.tasks import REPO_ROOT
+
+
+@dataclass
+class RunSummary:
+    task: str
+    encoder: str
+    mode: str
+    fraction: float
+    seed: int
+    ok: bool
+    run_id: str | None = None
+    test_mae: float | None = None
+    error: str | None = None
+
+
+def expand(sweep: SweepConfig, overrides: dict | None = None) -> list[FinetuneConfig]:
+    runs = []
+    for task in sweep.tasks:
+        for encoder in sweep.encoders:
+            modes = ["scratch"] if encoder == "scratch" else list(sweep.modes)
+            for mode in modes:
+                for fraction in sweep.fractions:
+                    for seed in sweep.seeds:
+                        fields = {**sweep.train, **(overrides or {}), "task": task, "encoder": encoder, "mode": mode,
+                                  "fraction": fraction, "seed": seed, "register": False}
+                        runs.append(FinetuneConfig.from_dict(fields))
+    return runs
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/n' → (i, n); None → the SLURM array position when running inside an array job."""
+    if text is None:
+        index, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if index is None or count is None:
+            return None
+        offset = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(index) - offset, int(count)
+    index, _, count = text.partition("/")
+    i, n = int(index), int(count)
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def select_shard(runs: list, index: int, count: int) -> list:
+    return runs[index::count]
+
+
+def _run_one(config_dict: dict, threads: int) -> RunSummary:
+    """One run in this process; failures are returned, not raised (the sweep goes on)."""
+    import torch
+
+    from finetune.run import run_finetune
+
+    torch.set_num_threads(max(1, threads))
+    config = FinetuneConfig.from_dict(config_dict)
+    base = dict(task=config.task, encoder=config.encoder, mode=config.mode, fraction=config.fraction, seed=config.seed)
+    try:
+        outcome = run_finetune(config, progress=False, verbose=False)
+        return RunSummary(**base, ok=True, run_id=outcome.run_id, test_mae=outcome.result.test.get("mae"))
+    except Exception as error:  # noqa: BLE001 - reported per run
+        return RunSummary(**base, ok=False, error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+
+
+def run_sweep(
+    sweep: SweepConfig, *, out: str | None = None, tracking_uri: str | None = None, shard: tuple[int, int] | None = None,
+    overrides: dict | None = None, progress: bool = True,
+) -> list[RunSummary]:
+    from finetune.tracking import Tracker
+
+    overrides = dict(overrides or {})
+    if out is not None:
+        overrides["out"] = out
+    if tracking_uri is not None:
+        overrides["tracking_uri"] = tracking_uri
+    runs = expand(sweep, overrides)
+    if shard is not None:
+        runs = select_shard(runs, *shard)
+    if not runs:
+        print("[sweep] nothing to run", flush=True)
+        return []
+    first = runs[0]
+    tracker = Tracker(first.out, first.tracking_uri)  # creates the SQLite schema once, here
+    for task in sorted({r.task for r in runs}):
+        tracker.experiment_id(task)
+    print(f"[sweep] {len(runs)} runs, backend {sweep.backend}, tracking {tracker.uri}", flush=True)
+
+    configs = [r.to_dict() for r in runs]
+    if sweep.backend == "serial":
+        summaries = []
+        for config in _progress(configs, progress, len(configs)):
+            summaries.append(_run_one(config, threads=int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)))
+    else:
+        summaries = _run_ray(configs, sweep, progress)
+
+    failed = [s for s in summaries if not s.ok]
+    for s in failed:
+        print(f"[sweep] FAILED {s.task} {s.encoder} {s.mode} f{s.fraction:g} s{s.seed}: {s.error}", flush=True)
+    print(f"[sweep] {len(summaries) - len(failed)}/{len(summaries)} runs finished", flush=True)
+    for task in sorted({r.task for r in runs}):
+        registered = tracker.register_best(task)
+        if registered:
+            print(f"[sweep] registry: {registered['name']}@best → version {registered['version']} (run {registered['run_id']})")
+    if sweep.compare_after and shard is None:
+        from finetune.compare import compare, to_markdown
+
+        table, paths = compare(first.out, first.tracking_uri, sorted({r.task for r in runs}))
+        print(to_markdown(table))
+        print(f"[sweep] comparison written to {', '.join(str(p) for p in paths.values())}", flush=True)
+    return summaries
+
+
+def _progress(items, enabled: bool, total: int):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="sweep", unit="run")
+
+
+def _run_ray(configs: list[dict], sweep: SweepConfig, progress: bool) -> list[RunSummary]:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by cluster/launch.sh on a Ray cluster) joins that cluster; otherwise a
+        # local Ray starts in-process. Workers must import this checkout.
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(
+            ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}},
+        )
+    threads = max(1, int(sweep.cpus_per_run))
+    remote = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run, max_retries=0)(_run_one)
+    pending, summaries = [], []
+    limit = sweep.max_parallel or len(configs)
+    queue = list(configs)
+    bar = _progress(None, False, 0)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(configs), desc="sweep", unit="run")
+    while queue or pending:
+        while queue and len(pending) < limit:
+            pending.append(remote.remote(queue.pop(0), threads))
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            try:
+                summaries.append(ray.get(ref))
+            except Exception as error:  # noqa: BLE001 - a crashed worker (e.g. out of memory)
+                summaries.append(RunSummary("?", "?", "?", float("nan"), -1, ok=False, error=str(error)))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return summaries
