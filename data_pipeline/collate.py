@@ -86,15 +86,19 @@ def _add_graph_view(out, records, num_atoms, rule, dtype):
 
 
 def _add_token_view(out, records, num_atoms, dtype):
+    """tokens [B, L, 109] = [frac (3) ‖ one-hot(Z) (100) ‖ polar6 (6)], zero on padding; mask [B, L]."""
     longest = int(num_atoms.max()) if len(num_atoms) else 0
+    mask = np.arange(longest)[None, :] < num_atoms[:, None]  # [B, L]
+    crystal, slot = np.nonzero(mask)  # [N] each, in atom concatenation order
+    numbers = np.concatenate([r.atomic_numbers for r in records]) if records else np.zeros(0, np.int64)
+    if len(numbers) and (numbers.min() < 1 or numbers.max() > MAX_Z):
+        bad = next(r for r in records if r.atomic_numbers.min() < 1 or r.atomic_numbers.max() > MAX_Z)
+        raise ValueError(f"{bad.key}: atomic numbers must be in 1..{MAX_Z} for the token view")
     tokens = np.zeros((len(records), longest, TOKEN_DIM), dtype=np.float64)
-    mask = np.zeros((len(records), longest), dtype=bool)
-    for b, record in enumerate(records):
-        n = record.num_atoms
-        tokens[b, :n, :3] = record.frac_coords
-        tokens[b, np.arange(n), 3 + record.atomic_numbers - 1] = 1.0
-        tokens[b, :n, 3 + MAX_Z :] = lattice_polar6(record.lattice)
-        mask[b, :n] = True
+    tokens[crystal, slot, :3] = np.concatenate([r.frac_coords for r in records]) if records else 0.0
+    tokens[crystal, slot, 3 + numbers - 1] = 1.0
+    polar = lattice_polar6(np.stack([r.lattice for r in records])) if records else np.zeros((0, 6))  # [B, 6]
+    tokens[crystal, slot, 3 + MAX_Z :] = polar[crystal]
     out.tokens = torch.from_numpy(tokens).to(dtype)
     out.token_mask = torch.from_numpy(mask)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import mmap
 import os
 import re
@@ -41,6 +42,7 @@ import torch
 
 from data_pipeline.batch import CrystalBatch
 from data_pipeline.collate import BatchViews, collate
+from data_pipeline.record import ARRAY_LABELS, SCALAR_LABELS, CrystalRecord
 from data_pipeline.shard_format import ARRAYS_EXT, JSON_EXT, ShardFormatError, decode_sample
 
 MODES = ("epoch", "resampled")
@@ -120,8 +122,9 @@ def _octal(field_bytes: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
-    stored = _octal(header[148:156])
-    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
+    # the checksum is the byte sum with its own 8-byte field counted as spaces
+    field_bytes = header[148:156]
+    return _octal(field_bytes) == sum(header) - sum(field_bytes) + 8 * 32
 
 
 def iter_tar_members(buf, path: str) -> Iterator[tuple[str, int, int]]:
@@ -267,6 +270,39 @@ def index_shard(path: str, skip_corrupt: bool = False) -> ShardIndex:
     )
 
 
+def _cache_file(cache_dir: str, path: str) -> Path:
+    import hashlib
+
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return Path(cache_dir) / f"{hashlib.sha1(ident).hexdigest()}.npz"
+
+
+def cached_index_shard(path: str, skip_corrupt: bool, cache_dir: str | None) -> ShardIndex:
+    """index_shard, kept in `cache_dir` keyed by (absolute path, size, mtime) when given.
+
+    Shards are immutable once their manifest is written, so a cached index stays valid; a
+    rewritten shard changes size or mtime and is indexed again. Only clean shards are cached."""
+    if cache_dir is None:
+        return index_shard(path, skip_corrupt)
+    file = _cache_file(cache_dir, path)
+    if file.exists():
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                return ShardIndex(path=path, names=data["names"].tolist(), json_span=data["json_span"],
+                                  arrays_span=data["arrays_span"], num_atoms=data["num_atoms"])
+        except (OSError, KeyError, ValueError):
+            pass  # unreadable cache entry: index again and overwrite it
+    index = index_shard(path, skip_corrupt)
+    if not index.corrupt:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(file.name + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, names=np.array(index.names, dtype=str), json_span=index.json_span,
+                 arrays_span=index.arrays_span, num_atoms=index.num_atoms)
+        os.replace(tmp, file)
+    return index
+
+
 @dataclass
 class _GlobalIndex:
     """All shards' samples concatenated: sample id → (shard, spans, atoms)."""
@@ -281,8 +317,8 @@ class _GlobalIndex:
     corrupt: list[tuple[str, str, str]]
 
     @classmethod
-    def build(cls, paths: list[str], skip_corrupt: bool) -> "_GlobalIndex":
-        shards = [index_shard(p, skip_corrupt) for p in _progress(paths, "indexing shards")]
+    def build(cls, paths: list[str], skip_corrupt: bool, cache_dir: str | None = None) -> "_GlobalIndex":
+        shards = [cached_index_shard(p, skip_corrupt, cache_dir) for p in _progress(paths, "indexing shards")]
         counts = np.array([len(s) for s in shards], dtype=np.int64)
         return cls(
             paths=paths,
@@ -418,6 +454,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.index, self.cfg, self.views = index, cfg, views
         self.rank, self.world_size, self.remainder = rank, world_size, remainder
         self.skip_corrupt, self.dtype = skip_corrupt, dtype
+        self.fast_decode = True
         self.epoch = 0
         self.start = 0  # rank-local batches already consumed in this epoch
         self._reader: _ShardReader | None = None
@@ -471,17 +508,21 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _first_good(self) -> np.ndarray:
         for s in range(len(self.index)):
             try:
-                self._decode(s)
+                self._decode_one(s)
                 return np.array([s])
             except ShardFormatError:
                 continue
         raise ShardCorruptError(f"no readable sample in {len(self.index.paths)} shard(s)")
 
     def _load(self, samples: np.ndarray, stats: dict) -> list:
+        index = self.index
+        # Python ints for the whole batch at once: numpy scalars make every slice slower.
+        where = zip(samples.tolist(), index.shard_of[samples].tolist(), index.json_span[samples].tolist(),
+                    index.arrays_span[samples].tolist())
         records = []
-        for s in samples:
+        for sample, shard, json_span, arrays_span in where:
             try:
-                records.append(self._decode(int(s)))
+                records.append(self._decode(sample, shard, json_span, arrays_span))
             except ShardFormatError as exc:
                 if not self.skip_corrupt:
                     raise
@@ -489,17 +530,96 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 stats["corrupt"].append(str(exc))
         return records
 
-    def _decode(self, sample: int):
-        shard = int(self.index.shard_of[sample])
+    def _decode_one(self, sample: int):
+        index = self.index
+        return self._decode(sample, int(index.shard_of[sample]), index.json_span[sample].tolist(),
+                            index.arrays_span[sample].tolist())
+
+    def _decode(self, sample: int, shard: int, json_span, arrays_span):
         buf = self._reader.buffer(shard)
-        (jo, js), (ao, asz) = self.index.json_span[sample], self.index.arrays_span[sample]
-        raw = {"__key__": "", JSON_EXT: buf[jo : jo + js], ARRAYS_EXT: buf[ao : ao + asz]}
+        (jo, js), (ao, asz) = json_span, arrays_span
+        meta, arrays = buf[jo : jo + js], buf[ao : ao + asz]
         try:
-            return decode_sample(raw)
+            if self.fast_decode:
+                record = decode_fast(meta, arrays)
+                if record is not None:
+                    return record
+            return decode_sample({"__key__": "", JSON_EXT: meta, ARRAYS_EXT: arrays})
         except ShardFormatError as exc:
             name = self.index.name(sample)
             reason = str(exc).split(": ", 1)[-1]
             raise ShardCorruptError(f"{self.index.paths[shard]}: member {name!r}: {reason}", name, reason) from exc
+
+
+# ----------------------------------------------------------------------------- fast decoding
+_META_KEYS = frozenset(("key", "source", "group", "properties", *SCALAR_LABELS))
+_FLOAT_ARRAYS = frozenset(("frac_coords", "lattice", *ARRAY_LABELS))
+_JSON = json.JSONDecoder()
+
+
+def _expected_shape(name: str, n: int) -> list[int]:
+    if name in ("frac_coords", "forces"):
+        return [n, 3]
+    if name in ("lattice", "stress"):
+        return [3, 3]
+    return [n]  # magmoms
+
+
+def decode_fast(meta_bytes: bytes, arrays_bytes: bytes) -> CrystalRecord | None:
+    """The record `decode_sample` would return, built without its per-sample overhead.
+
+    Reads the safetensors header itself and views the arrays with np.frombuffer over one
+    writable copy of the member, and fills the record's fields directly: shards are written from
+    CrystalRecords, so coordinates are already wrapped and arrays already int64/float64. Returns
+    None for anything it does not recognise exactly (an unknown key, dtype or shape, a short
+    buffer): the caller then uses `decode_sample`, which is the reference and reports errors.
+    Equality with decode_sample is tested on every sample of the test shards.
+    """
+    try:
+        meta = _JSON.decode(meta_bytes.decode())
+        length = int.from_bytes(arrays_bytes[:8], "little")
+        header = _JSON.decode(arrays_bytes[8 : 8 + length].decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    header.pop("__metadata__", None)
+    if type(meta) is not dict or not _META_KEYS.issuperset(meta) or "key" not in meta or "source" not in meta:
+        return None
+    numbers = header.get("atomic_numbers")
+    if numbers is None or numbers["dtype"] != "I64" or len(numbers["shape"]) != 1:
+        return None
+    n = numbers["shape"][0]
+    data = bytearray(arrays_bytes)  # one writable copy shared by the arrays
+    size, base = len(data), 8 + length
+    arrays = {}
+    for name, spec in header.items():
+        start, end = spec["data_offsets"]
+        shape = spec["shape"]
+        if name == "atomic_numbers":
+            dtype = np.int64
+        elif name in _FLOAT_ARRAYS and spec["dtype"] == "F64" and shape == _expected_shape(name, n):
+            dtype = np.float64
+        else:
+            return None
+        count = math.prod(shape)
+        if end - start != 8 * count or base + end > size:
+            return None
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=base + start).reshape(shape)
+    if "frac_coords" not in arrays or "lattice" not in arrays:
+        return None
+    record = object.__new__(CrystalRecord)
+    fields = record.__dict__
+    fields["key"] = meta["key"]
+    fields["source"] = meta["source"]
+    fields["atomic_numbers"] = arrays["atomic_numbers"]
+    fields["frac_coords"] = arrays["frac_coords"]
+    fields["lattice"] = arrays["lattice"]
+    fields["group"] = meta.get("group") or meta["key"]
+    for name in SCALAR_LABELS:
+        fields[name] = meta.get(name)
+    for name in ARRAY_LABELS:
+        fields[name] = arrays.get(name)
+    fields["properties"] = meta.get("properties", {})
+    return record
 
 
 def _identity(x):
@@ -543,7 +663,8 @@ class ShardLoader:
     def __init__(self, shards: list[str] | str, *, views: BatchViews, atom_budget: int = 4096,
                  max_crystals: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  mode: str = "epoch", shuffle_buffer: int = 1000, seed: int = 0, skip_corrupt: bool = False,
-                 dtype=torch.float32, remainder: str = "pad", prefetch_factor: int = 2):
+                 dtype=torch.float32, remainder: str = "pad", prefetch_factor: int = 2,
+                 index_cache: str | None = None, fast_decode: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if remainder not in REMAINDERS:
@@ -557,11 +678,13 @@ class ShardLoader:
             raise ValueError("no shards given")
         self.views, self.rank, self.world_size = views, rank, world_size
         self.num_workers, self.prefetch_factor, self.mode = num_workers, prefetch_factor, mode
-        self.index = _GlobalIndex.build(self.shards, skip_corrupt)
+        index_cache = index_cache or os.environ.get("CRYSTALFM_INDEX_CACHE") or None
+        self.index = _GlobalIndex.build(self.shards, skip_corrupt, index_cache)
         if len(self.index) == 0:
             raise ValueError(f"no readable samples in {len(self.shards)} shard(s) (first: {self.shards[0]})")
         cfg = _PlanConfig(atom_budget, max_crystals, shuffle_buffer, seed, mode)
         self.dataset = ShardDataset(self.index, cfg, views, rank, world_size, remainder, skip_corrupt, dtype)
+        self.dataset.fast_decode = fast_decode
         self.stats: dict = {
             "samples": 0, "batches": 0, "padding_batches": 0, "atoms": 0,
             "corrupt_skipped": len(self.index.corrupt),
