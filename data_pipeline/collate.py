@@ -36,6 +36,8 @@ def pdd_features(record: CrystalRecord, k: int) -> np.ndarray:
     row also says which element sits there (the PDDFormer input); columns 1..k are the atom's
     sorted distances to its k nearest periodic neighbours (Å). `lexsort=False` keeps row i on atom i
     (amd sorts rows lexicographically by default, which would hand atoms other atoms' rows).
+    Distances include the atom's own periodic images and exclude itself. amd JIT-compiles on its
+    first call in a process (seconds): the loader warms it once per worker (`loader.warm_pdd`).
     """
     import amd
 
