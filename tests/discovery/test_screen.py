@@ -1,0 +1,61 @@
+"""Crys-JEPA screening: reference selection by chemical system, D_C against a hand computation,
+unscored candidates reported, ranking and keep fraction."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from data_pipeline.record import CrystalRecord
+from discovery.screen import ReferenceEmbeddings, chemical_system, fingerprint_embeddings, jepa_scores, rank_candidates
+
+
+def _rec(key, zs):
+    n = len(zs)
+    return CrystalRecord(key, "t", zs, np.linspace(0, 0.9, 3 * n).reshape(n, 3), np.eye(3) * 4)
+
+
+REFS = [_rec("r:li", [3]), _rec("r:o", [8, 8]), _rec("r:li2o", [3, 3, 8]), _rec("r:fe2o3", [26, 26, 8, 8, 8]), _rec("r:na", [11])]
+EMB = np.array([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [5.0, 5.0], [9.0, 9.0]])
+
+
+def test_reference_set_is_every_crystal_whose_elements_are_a_subset():
+    index = ReferenceEmbeddings(REFS, EMB)
+    count, total, squares = index.subset_sums(chemical_system(_rec("c", [3, 8])))
+    assert count == 3  # Li, O2, Li2O — not Fe2O3 (has Fe) nor Na
+    np.testing.assert_allclose(total, EMB[:3].sum(0))
+    assert count == index.subset_sums(frozenset({3, 8}))[0]  # cached path agrees
+    assert index.subset_sums(frozenset({3, 8, 26}))[0] == 4
+
+
+def test_d_c_matches_a_hand_computation():
+    index = ReferenceEmbeddings(REFS, EMB)
+    candidate = _rec("c:lio2", [3, 8, 8])
+    e = np.array([0.5, 0.25])
+    expected = np.mean([np.sum((e - EMB[i]) ** 2) for i in (0, 1, 2)])
+    d, n = index.distance(candidate, e)
+    assert n == 3 and math.isclose(d, expected, rel_tol=1e-12)
+
+
+def test_candidates_without_references_are_reported_not_guessed():
+    index = ReferenceEmbeddings(REFS, EMB)
+    scores, refs = jepa_scores([_rec("c:k", [19]), _rec("c:li", [3])], np.array([[0, 0], [0, 1.0]]), index)
+    assert math.isnan(scores[0]) and refs[0] == 0
+    assert scores[1] == 0.0 and refs[1] == 1
+    rows = rank_candidates(["c:k", "c:li"], scores, refs, keep_fraction=0.5)
+    assert rows[0].rank is None and not rows[0].kept
+    assert rows[1].rank == 1 and rows[1].kept
+
+
+def test_ranking_keeps_the_lowest_scores():
+    rows = rank_candidates(list("abcdef"), [5, 1, 3, float("nan"), 2, 4], [1] * 6, keep_fraction=0.4)
+    kept = sorted(r.key for r in rows if r.kept)
+    assert kept == ["b", "e"]  # ceil(0.4 × 5 scored) = 2
+    assert [r.rank for r in rows] == [5, 1, 3, None, 2, 4]
+
+
+def test_fingerprint_ranker_is_invariant_to_cell_choice(mp20_records):
+    base = mp20_records[0]
+    supercell = CrystalRecord.from_structure(base.to_structure() * (2, 1, 1), key="s", source="t")
+    fp = fingerprint_embeddings([base, supercell])
+    np.testing.assert_allclose(fp[0], fp[1], atol=1e-8)
