@@ -27,7 +27,7 @@ Codes:
 
 `validate(record)` checks what can be checked on a `CrystalRecord` (everything but the
 parse-time codes) and raises `RecordError` with the first problem found; it returns None for a
-good record. It is cheap: one vesin neighbour search with a 0.5 Å cutoff per record.
+good record. It is cheap: one vesin neighbour search (2 Å, filtered at 0.5 Å) per record, ~0.2 ms.
 """
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ REJECT_CODES: dict[str, str] = {
 }
 
 MIN_DISTANCE = 0.5  # Å, periodic minimum image
+# vesin bins space into cells of the cutoff's size: with 0.5 Å a 500 Å^3 cell has 4,000 bins and
+# the search costs ~1 ms; searching 2 Å and filtering is ~6x faster (few pairs lie within 2 Å).
+_SEARCH_CUTOFF = 2.0
 MIN_VOLUME_PER_ATOM = 0.1  # Å^3
 # |det L| / (|a||b||c|) is the volume of the parallelepiped of unit vectors: 1 for a cube, 0 when
 # the vectors are coplanar. Below this the cell is numerically flat (angles within ~0.06° of 0/180).
@@ -155,10 +158,12 @@ def _check_distances(record: CrystalRecord) -> None:
     if _calculator is None:  # one per process: vesin's setup costs more than a small cell's search
         from vesin import NeighborList
 
-        _calculator = NeighborList(cutoff=MIN_DISTANCE, full_list=False, n_threads=1)
+        _calculator = NeighborList(cutoff=_SEARCH_CUTOFF, full_list=False, n_threads=1)
     cart = record.cart_coords  # [N, 3]
     i, j, d = _calculator.compute(points=cart, box=record.lattice, periodic=True, quantities="ijd")
-    if len(d):
+    close = d < MIN_DISTANCE  # [pairs]
+    if close.any():
+        i, j, d = i[close], j[close], d[close]
         k = int(np.argmin(d))
         what = "its own periodic image" if i[k] == j[k] else f"atom {int(j[k])}"
         raise reject(

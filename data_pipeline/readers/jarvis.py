@@ -19,7 +19,9 @@ band_gap (eV), ehull → e_above_hull (eV/atom). JARVIS energies (optB88vdW func
 mixed into `energy`/`energy_per_atom`, which hold MP-compatible (PBE/MP2020) values elsewhere.
 Force-field records: `forces` → forces (eV/Å); `total_energy` → properties["total_energy"];
 `stresses` are not mapped (their unit and sign convention could not be established from the
-available sources). Key `jarvis:<jid>` (`POSCAR-JVASP-10.vasp` → `JVASP-10`), group = jid.
+available sources). Key `jarvis:<jid>` (`POSCAR-JVASP-10.vasp` → `JVASP-10`), group = jid;
+force-field records are frames (one jid has many), keyed `jarvis:<jid>:<n>` with n counting that
+jid's frames in file order.
 """
 from __future__ import annotations
 
@@ -94,6 +96,7 @@ class JarvisReader:
         yield from (self._scan_csv() if self.mode == "id_prop_csv" else self._scan_json())
 
     def _scan_json(self) -> Iterator[RawEntry | Reject]:
+        frames: dict[str, int] = {}  # force-field files hold several frames per jid
         with open_text(self.file) as handle:
             last = "start"
             try:
@@ -105,8 +108,12 @@ class JarvisReader:
                         yield Reject(key=f"{self.source}:{location}", source=self.source, location=location,
                                      reason="missing_field: record has no jid")
                         continue
-                    yield RawEntry(source=self.source, key=f"{self.source}:{jid}", group=str(jid),
-                                   location=location, payload=doc)
+                    key = f"{self.source}:{jid}"
+                    if "forces" in doc:
+                        frame = frames.get(jid, 0)
+                        frames[jid] = frame + 1
+                        key = f"{key}:{frame}"
+                    yield RawEntry(source=self.source, key=key, group=str(jid), location=location, payload=doc)
             except (Truncated, Malformed) as error:
                 code = "truncated_file" if isinstance(error, Truncated) else "unparsable"
                 yield Reject(key=f"{self.source}:{self.file.name}", source=self.source,
