@@ -1,0 +1,269 @@
+"""cluster/launch.sh: rendered multi-node scripts (dry run), and real jobs on a real local SLURM.
+
+The SLURM tests start a private munged + slurmctld + slurmd in a temporary directory (see
+local_slurm.py) for the session and stop exactly those daemons afterwards. They submit:
+  * a Ray build job (`launch.sh data`): Ray head in the allocation, build as a Ray driver;
+  * a 2-rank CPU pretraining job (`launch.sh pretrain --gpus-per-node 2`) on those shards.
+The shards must be identical to a local build (`launch.sh data --local`) and to a build on a Ray
+head plus a worker joined by address.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+LAUNCH = ROOT / "cluster" / "launch.sh"
+sys.path.insert(0, str(HERE))
+from local_slurm import LocalSlurm, missing_binaries  # noqa: E402
+
+
+def launch(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "CRYSTALFM_PYTHON": sys.executable, "CRYSTALFM_CPU_RANKS": "1", **(env or {})}
+    return subprocess.run(["bash", str(LAUNCH), *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---------------------------------------------------------------------- dry runs (no SLURM needed)
+def test_dry_run_renders_a_four_node_pretrain_script(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("train: {max_steps: 3}\n")
+    out = launch("pretrain", str(config), "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                 "--account", "proj42", "--time", "02:00:00", "--dry-run", "--", "train.zero_stage=3",
+                 env={"CRYSTALFM_CPU_RANKS": "0"})
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --time=02:00:00",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@"):
+        assert line in script, line
+    assert "srun --nodes=\"$NNODES\" --ntasks-per-node=1" in script  # one launcher per node
+    assert '--node_rank="$SLURM_NODEID"' in script and '--master_addr="$MASTER_ADDR"' in script
+    assert "--module pretrain train" in script and f"{config} train.zero_stage=3" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # The world the launchers agree on: 4 nodes x 8 ranks, node i → ranks 8i..8i+7.
+    world = _world_info(script, {"SLURM_JOB_NUM_NODES": "4"})
+    assert world == {f"node{i}": list(range(8)) for i in range(4)}
+    common = (ROOT / "cluster/templates/common.sh").read_text()
+    assert "scontrol show hostnames" in common and "head -n 1" in common  # first host is master
+    assert "scontrol requeue" in common and "env | sort" in common
+
+
+def _world_info(script: str, env: dict) -> dict:
+    import base64
+
+    line = next(l for l in script.splitlines() if l.startswith("export WORLD_INFO="))
+    prelude = "\n".join(l for l in script.splitlines() if l.startswith(("GPUS_PER_NODE=", "NNODES=", "PYTHON=")))
+    out = subprocess.run(["bash", "-c", f"{prelude}\n{line}\necho $WORLD_INFO"], env={**os.environ, **env},
+                         capture_output=True, text=True)
+    return json.loads(base64.urlsafe_b64decode(out.stdout.strip()))
+
+
+def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text("sources: []\n")
+    out = launch("data", str(config), "--nodes", "4", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    assert "#SBATCH --nodes=4" in script and "--gpus-per-node" not in script
+    assert 'start --head --node-ip-address="$HEAD_IP"' in script
+    assert '--nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks-per-node=1 --overlap --exclude="$MASTER_HOST"' in script
+    assert 'start --address="$RAY_ADDRESS"' in script
+    assert f"-m data_pipeline build {config} --ray-address \"$RAY_ADDRESS\"" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    finetune = launch("finetune", str(config), "--dry-run", "--", "mp_band_gap", "--encoder", "rel")
+    assert finetune.returncode == 0 and "-m finetune train mp_band_gap --encoder rel --config" in finetune.stdout
+
+
+def test_launch_rejects_bad_arguments(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("{}\n")
+    bad_stage = launch("train", str(config))
+    assert bad_stage.returncode == 2 and "unknown stage 'train'" in bad_stage.stderr
+    missing = launch("pretrain", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    nodes = launch("pretrain", str(config), "--nodes", "zero")
+    assert nodes.returncode == 2 and "--nodes" in nodes.stderr
+
+
+# ---------------------------------------------------------------------- a real local SLURM
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM binaries not installed ({', '.join(missing)}): run .ci/install.sh as root "
+                    "(apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmd needs root; run the SLURM tests as root (CI does)")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Exception as exc:
+        cluster.stop()
+        pytest.fail(f"could not start a local SLURM: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+def _small_csv(shared_data: Path, path: Path, rows: int = 40) -> Path:
+    with gzip.open(shared_data / "mp_20" / "val.csv.gz", "rt") as src, open(path, "w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        for i, row in enumerate(reader):
+            if i == rows:
+                break
+            writer.writerow(row)
+    return path
+
+
+def _data_config(tmp: Path, csv_path: Path) -> Path:
+    config = tmp / "data.yaml"
+    config.write_text(json.dumps({
+        "sources": [{"kind": "cdvae_csv", "path": str(csv_path), "name": "mp20"}],
+        "splits": {"train": 0.8, "val": 0.2}, "chunk_size": 16, "shard_bytes": 65536,
+    }))
+    return config
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def _job_output(log_dir: Path, job_id: str) -> str:
+    found = list(log_dir.glob(f"*-{job_id}.out"))
+    return found[0].read_text() if found else "(no job output)"
+
+
+@pytest.fixture(scope="module")
+def built(slurm, shared_data, tmp_path_factory):
+    """Shards from a SLURM Ray job, from --local, and from a Ray head + worker joined by address."""
+    tmp = tmp_path_factory.mktemp("cluster_data")
+    config = _data_config(tmp, _small_csv(shared_data, tmp / "mp20_small.csv"))
+    logs = tmp / "logs"
+    job = launch("data", str(config), "--time", "15:00", "--log-dir", str(logs), "--", "--out", str(tmp / "slurm"),
+                 "--no-progress", env=slurm.env)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    state = slurm.wait(job_id, timeout=600)
+    local = launch("data", str(config), "--local", "--", "--out", str(tmp / "local"), "--inline", "--no-progress",
+                   timeout=600)
+    return {"tmp": tmp, "config": config, "logs": logs, "job_id": job_id, "state": state, "local": local}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_ray_build_job_matches_local_build(built):
+    tmp = built["tmp"]
+    assert built["state"] == "COMPLETED", _job_output(built["logs"], built["job_id"])
+    assert built["local"].returncode == 0, built["local"].stderr[-3000:]
+    output = _job_output(built["logs"], built["job_id"])
+    assert "Ray head" in output
+    slurm_shards, local_shards = _shards(tmp / "slurm"), _shards(tmp / "local")
+    assert slurm_shards and slurm_shards == local_shards
+    job_dir = next(built["logs"].glob(f"*-{built['job_id']}"))
+    assert (job_dir / "env-0.txt").is_file() and (job_dir / "ray-head-0.log").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_ray_head_plus_worker_by_address_builds_identical_shards(built):
+    """Two Ray nodes on this machine (a head and a worker joined by address), build as a driver."""
+    import socket
+
+    from data_pipeline.manifest import manifest_digest
+
+    tmp = built["tmp"]
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Our own process groups: stopping them never touches other Ray sessions on this machine.
+    head = subprocess.Popen([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", "--block"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "ray-head.log", "w"))
+    worker = None
+    try:
+        for _ in range(120):
+            if subprocess.run([ray, "status", "--address", address], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        worker = subprocess.Popen([ray, "start", f"--address={address}", "--num-cpus=1", "--block"], env=env,
+                                  start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=open(tmp / "ray-worker.log", "w"))
+        for _ in range(120):
+            status = subprocess.run([ray, "status", "--address", address], env=env, capture_output=True, text=True)
+            if status.stdout.count("node_") >= 2:
+                break
+            time.sleep(1)
+        assert status.stdout.count("node_") >= 2, status.stdout + (tmp / "ray-worker.log").read_text()[-2000:]
+        build = subprocess.run([sys.executable, "-m", "data_pipeline", "build", str(built["config"]), "--ray-address",
+                                address, "--out", str(tmp / "two_nodes"), "--no-progress"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert build.returncode == 0, build.stderr[-3000:]
+    finally:
+        for proc in (worker, head):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+    assert _shards(tmp / "two_nodes") == _shards(tmp / "local")
+    assert manifest_digest(tmp / "two_nodes") == manifest_digest(tmp / "local")
+
+
+TRAIN = """\
+run: {{name: slurm_vae, root: {root}, seed: 0}}
+data: {{shards: {shards}, atom_budget: 256, num_workers: 0}}
+objective:
+  name: vae
+  latent_dim: 8
+  encoder: {{name: pddformer, width: 16, num_layers: 1, rbf_bins: 8, pdd_k: 8,
+            neighbor_rule: {{kind: knn, k: 6, cutoff: 4.0}}}}
+optim: {{lr: 1.0e-3}}
+schedule: {{kind: warmup_cosine, warmup_steps: 1}}
+train: {{max_steps: 4, zero_stage: 2, log_every: 1}}
+checkpoint: {{every_steps: 2, keep_last: 2}}
+tracking: {{experiment: slurm-test}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
+    pytest.importorskip("pretrain.objectives.vae", reason="the VAE objective is not installed yet")
+    tmp = built["tmp"]
+    assert built["state"] == "COMPLETED"
+    config = tmp / "train.yaml"
+    config.write_text(TRAIN.format(root=tmp / "runs", shards=tmp / "slurm"))
+    logs = tmp / "train_logs"
+    job = launch("pretrain", str(config), "--gpus-per-node", "2", "--time", "15:00", "--log-dir", str(logs),
+                 env={**slurm.env, "DS_ACCELERATOR": "cpu"})
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    state = slurm.wait(job_id, timeout=600)
+    job_dir = next(logs.glob(f"*-{job_id}"))
+    node_log = (job_dir / "node0-0.log").read_text() if (job_dir / "node0-0.log").is_file() else ""
+    assert state == "COMPLETED", _job_output(logs, job_id) + node_log[-4000:]
+    run_dir = tmp / "runs" / "slurm_vae"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] for r in records)  # finite
+    assert json.loads((run_dir / "run_info.json").read_text())["world_size"] == 2
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    # Structured JSON lines on the job's output (not a TTY), one per step.
+    assert sum(1 for line in node_log.splitlines() if line.startswith('{"step"')) == 4
+    assert (job_dir / "env-0.txt").is_file() and "SLURM_JOB_ID" in (job_dir / "env-0.txt").read_text()
