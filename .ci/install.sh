@@ -13,3 +13,5 @@ python -m pip install -q -e '.[test]'
 # (about 6 minutes on 2 cores, cached by pip afterwards) and must see the installed torch.
 python -c 'import torch_scatter' 2>/dev/null || \
   python -m pip install -q --no-build-isolation torch-scatter==2.1.2
+# A real local SLURM for cluster/launch.sh's tests (skipped when installed, or when not root).
+command -v slurmctld >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } || true
