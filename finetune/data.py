@@ -102,7 +102,24 @@ def load_task_data(
     return TaskData(task, parsed["train"], parsed["val"], parsed["test"], rejects, available)
 
 
+_SCAN_CACHE: dict = {}  # (task, sources with mtimes) → scanned buckets: serial sweeps scan once
+
+
 def _scan_and_assign(task: Task, root) -> tuple[dict[str, list[_Item]], list[Reject]]:
+    key = (task, tuple(_stamp(s.path, root) for s in task.sources))
+    if key not in _SCAN_CACHE:
+        _SCAN_CACHE.clear()  # keep one task's entries at most
+        _SCAN_CACHE[key] = _scan_sources(task, root)
+    buckets, rejects = _SCAN_CACHE[key]
+    return {s: list(items) for s, items in buckets.items()}, list(rejects)
+
+
+def _stamp(path: str, root) -> tuple[str, float]:
+    path = Path(path) if Path(path).is_absolute() else data_root(root) / path
+    return str(path), path.stat().st_mtime if path.exists() else -1.0
+
+
+def _scan_sources(task: Task, root) -> tuple[dict[str, list[_Item]], list[Reject]]:
     buckets: dict[str, list[_Item]] = {s: [] for s in SPLITS}
     rejects: list[Reject] = []
     for source in task.sources:

@@ -56,11 +56,7 @@ class PredictionTable:
 def resolve_models(model: str, tracking_uri: str | None = None) -> list[Path]:
     """Local model directories for a MODEL argument (see module docstring)."""
     if model.startswith(("models:/", "runs:/")):
-        import mlflow.artifacts
-
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri))
-        return resolve_models(str(local))
+        return resolve_models(str(_download(model, tracking_uri)))
     path = Path(model).expanduser()
     if (path / META).is_file():
         return [path]
@@ -72,6 +68,27 @@ def resolve_models(model: str, tracking_uri: str | None = None) -> list[Path]:
         f"{model} is not a fine-tuned model: expected a directory with {META}, a folder of such directories, "
         f"or an MLflow URI like models:/crystalfm-<task>@best"
     )
+
+
+def _download(uri: str, tracking_uri: str | None) -> Path:
+    """An MLflow model-registry or run URI → a local copy of the model directory. The registry is
+    the tracking store itself (as `finetune.tracking` registers models)."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if store is None:
+        raise ValueError(f"{uri}: give --tracking-uri (e.g. sqlite:///finetune_runs/mlflow.db) or set MLFLOW_TRACKING_URI")
+    if uri.startswith("models:/"):
+        name, _, rest = uri[len("models:/"):].partition("@")
+        client = MlflowClient(tracking_uri=store, registry_uri=store)
+        if rest:
+            version = client.get_model_version_by_alias(name, rest)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+        uri = version.source
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store))
 
 
 def load_models(model: str, tracking_uri: str | None = None, device: str = "cpu") -> list[LoadedModel]:
