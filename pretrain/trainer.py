@@ -493,10 +493,13 @@ class Trainer:
 
 
 def _parse_fault(value: str | None):
-    if not value:
+    if not value or value.lower() == "none":
         return None
-    step, name = value.split(":")
-    return int(step), getattr(signal, f"SIG{name.upper()}")
+    try:
+        step, name = value.split(":")
+        return int(step), getattr(signal, f"SIG{name.upper()}")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected STEP:SIGNAL, e.g. 7:KILL or 3:TERM") from None
 
 
 def _json_float(value):
