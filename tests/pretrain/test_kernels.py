@@ -281,3 +281,21 @@ def test_by_sender_csr_lists_each_edge_once_in_order():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the plain-import path")
 def test_kernels_import_without_interpreter():
     assert "native" in kernels.available_backends("cpu")
+
+
+def test_benchmark_script_runs_and_reports_ratios(tmp_path):
+    """The benchmark runs from one command; a tiny configuration keeps this fast."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "neighbor_scatter.py"
+    spec = importlib.util.spec_from_file_location("neighbor_scatter_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.md"
+    bench.main(["--atoms", "200", "--repeats", "1", "--widths", "32", "--sizes", "mp20", "--backends", "native", "cpu_fused", "--copy-mib", "16", "--markdown", str(out)])
+    text = out.read_text()
+    assert "measured copy bandwidth" in text
+    for op in ("gmr", "attention", "gated"):
+        assert f"### {op}, mp20" in text
+    assert "| cpu_fused |" in text and "speed-up vs native" in text
