@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from pretrain.kernels.graph import CSRGraph
 
@@ -93,6 +94,7 @@ class _GatherMultiplyReduce(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # double backward (force training) is refused loudly: use 'native'
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         graph, chunks = ctx.graph, ctx.chunks
@@ -145,6 +147,7 @@ class _NeighborAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # double backward (force training) is refused loudly: use 'native'
     def backward(ctx, grad):
         q, k, v, k_edge, v_edge, out, lse = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -192,6 +195,7 @@ class _GatedAggregate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # double backward (force training) is refused loudly: use 'native'
     def backward(ctx, grad):
         q, k, v, k_edge, v_edge = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])

@@ -299,3 +299,14 @@ def test_benchmark_script_runs_and_reports_ratios(tmp_path):
     for op in ("gmr", "attention", "gated"):
         assert f"### {op}, mp20" in text
     assert "| cpu_fused |" in text and "speed-up vs native" in text
+
+
+def test_cpu_fused_refuses_double_backward_loudly():
+    """Force training differentiates a gradient; the fused backward is not differentiable and must
+    say so instead of returning a silently wrong second derivative."""
+    graph = graph_from_degrees([2, 1], torch.Generator().manual_seed(0), senders=[1, 0, 0])
+    x, w = make_inputs("gmr_sum", graph, d=3)
+    out = kernels.gather_multiply_reduce(x, w, graph, backend="cpu_fused")
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        gx.sum().backward()
