@@ -1,7 +1,8 @@
 """Sweeps: tasks × encoders × modes × fractions × seeds, each an independent fine-tune run.
 
-    expand(sweep)            the run configs, in a fixed order ("scratch" encoders run once per
-                             cell, in mode scratch; releases once per mode in `modes`)
+    expand(sweep)            the run configs, in a fixed order: releases once per mode in `modes`;
+                             "scratch" once per cell, as the first release's architecture randomly
+                             initialised (or `train.encoder_config` when given)
     select_shard(runs, i, n) runs[i::n]: a SLURM array task runs its share (`--shard i/n`, or
                              SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set)
     run_sweep(sweep)         the driver prepares the MLflow store (schema, experiments), runs the
@@ -36,15 +37,23 @@ class RunSummary:
 
 
 def expand(sweep: SweepConfig, overrides: dict | None = None) -> list[FinetuneConfig]:
+    train = {**sweep.train, **(overrides or {})}
+    releases = [e for e in sweep.encoders if e != "scratch"]
     runs = []
     for task in sweep.tasks:
         for encoder in sweep.encoders:
-            modes = ["scratch"] if encoder == "scratch" else list(sweep.modes)
-            for mode in modes:
+            if encoder == "scratch":
+                # The baseline is the architecture of the (first) release unless one is named.
+                if train.get("encoder_config") is None and not releases:
+                    raise ValueError("sweep: 'scratch' needs train.encoder_config or a release among encoders")
+                cells = [("scratch" if train.get("encoder_config") is not None else releases[0], "scratch")]
+            else:
+                cells = [(encoder, mode) for mode in sweep.modes]
+            for source, mode in cells:
                 for fraction in sweep.fractions:
                     for seed in sweep.seeds:
-                        fields = {**sweep.train, **(overrides or {}), "task": task, "encoder": encoder, "mode": mode,
-                                  "fraction": fraction, "seed": seed, "register": False}
+                        fields = {**train, "task": task, "encoder": source, "mode": mode, "fraction": fraction,
+                                  "seed": seed, "register": False}
                         runs.append(FinetuneConfig.from_dict(fields))
     return runs
 
