@@ -12,11 +12,12 @@ _MODULES = {
     "vae": "pretrain.objectives.vae",  # CrysLDNet stage 1
     "latent_flow": "pretrain.objectives.latent_flow",  # CrysLDNet stage 2 (joint latent flow matching)
     "jepa": "pretrain.objectives.jepa",  # Crys-JEPA
+    "ddpm": "pretrain.objectives.ddpm",  # Crys-JEPA's base generator (a DDPM over the token view)
 }
 
 
 def build_objective(config: dict) -> Objective:
-    """config: {"name": one of vae | latent_flow | jepa, **that objective's config}."""
+    """config: {"name": one of vae | latent_flow | jepa | ddpm, **that objective's config}."""
     config = dict(config)
     name = config.pop("name", None)
     if name not in _MODULES:

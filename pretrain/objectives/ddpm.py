@@ -1,0 +1,201 @@
+"""DDPM crystal generator over the token view: the Crys-JEPA paper's base generator (§4.2).
+
+Each atom is one 109-d token x = [2·frac − 1 (3) ‖ 2·one-hot(Z) − 1 (100) ‖ lattice (6)], where
+the lattice part is the crystal's rotation-invariant polar factor S = sqrt(L Lᵀ), normalised with
+fixed constants (diagonal (S − 6 Å)/3 Å, off-diagonal S/2 Å) and repeated on every atom of the
+crystal. A DDPM (T = 256, cosine schedule, ε-prediction) learns to denoise these tokens with a
+pre-norm Transformer (default 12 layers, width 1024, 8 heads, dropout 0.01); a sinusoidal
+timestep embedding through a linear layer is added to the input of every layer; there is no
+atom-order positional encoding, so the denoiser is permutation-equivariant.
+
+Sampling draws the number of atoms from the training distribution (a histogram the objective
+accumulates while training and stores in its weights), runs ancestral sampling, and decodes:
+frac = ((x + 1)/2) mod 1, Z = argmax of the one-hot part, lattice = S averaged over the crystal's
+atoms (symmetrised, eigenvalues floored at 1 Å so the cell is never degenerate; its orientation
+is the canonical one L = S).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.record import MAX_Z, CrystalRecord
+from pretrain.objectives.base import LossNorm, Objective
+from pretrain.objectives.config import parse_config
+from pretrain.objectives.dit import pad_atoms
+
+TOKEN = 3 + MAX_Z + 6
+_TRIU = torch.triu_indices(3, 3)
+_DIAG = torch.tensor([True, False, False, True, False, True])  # which polar6 entries are diagonal
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    """layers/width/heads/dropout: the denoiser (paper defaults). steps: T of the DDPM.
+    cosine_s: offset of the cosine schedule (Nichol & Dhariwal). max_atoms: largest crystal the
+    atom-count histogram tracks (larger ones are counted at max_atoms)."""
+
+    layers: int = 12
+    width: int = 1024
+    heads: int = 8
+    dropout: float = 0.01
+    steps: int = 256
+    cosine_s: float = 0.008
+    max_atoms: int = 64
+
+
+def cosine_alphas_cumprod(steps: int, s: float) -> torch.Tensor:
+    """ᾱ_t for t = 1..T of the cosine schedule, with β_t clipped to 0.999. [T] float64"""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float().unsqueeze(-1) * freqs  # [B, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """Pre-norm Transformer over padded tokens; time embedding added before every layer."""
+
+    def __init__(self, cfg: DDPMConfig):
+        super().__init__()
+        self.width = cfg.width
+        self.embed = nn.Linear(TOKEN, cfg.width)
+        self.time = nn.Linear(cfg.width, cfg.width)  # sinusoid(t) → width
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.width)
+        self.out = nn.Linear(cfg.width, TOKEN)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        temb = self.time(sinusoid(t, self.width).to(x.dtype)).unsqueeze(1)  # [B, 1, W]
+        h = self.embed(x)  # [B, L, W]
+        for layer in self.layers:
+            h = layer(h + temb, src_key_padding_mask=~mask)
+        return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise
+
+
+class DDPMObjective(Objective):
+    encoder = None  # a generator: nothing here is a crystal encoder
+
+    def __init__(self, config: DDPMConfig):
+        super().__init__()
+        self.config = config
+        self.denoiser = Denoiser(config)
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(config.steps, config.cosine_s).float())
+        # how many training crystals had n atoms (index n); sampling draws from it
+        self.register_buffer("atom_counts", torch.zeros(config.max_atoms + 1))
+
+    def batch_views(self) -> dict:
+        return {"graph": None, "tokens": False, "pdd_k": None}
+
+    # ------------------------------------------------------------------ tokens ↔ crystals
+    @staticmethod
+    def encode_tokens(batch) -> torch.Tensor:
+        """[N, TOKEN] normalised per-atom tokens of a batch."""
+        from pretrain.objectives.geometry import polar6
+
+        s6 = polar6(batch.lattice)  # [B, 6]
+        diag = _DIAG.to(s6.device)
+        s6 = torch.where(diag, (s6 - 6.0) / 3.0, s6 / 2.0)
+        onehot = torch.nn.functional.one_hot(batch.atomic_numbers - 1, MAX_Z).to(s6.dtype)
+        return torch.cat([2 * batch.frac_coords - 1, 2 * onehot - 1, s6[batch.batch_index]], dim=-1)
+
+    @staticmethod
+    def decode_tokens(x: torch.Tensor, mask: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[B, L, TOKEN] tokens → list of (atomic numbers, frac coords, lattice) per crystal."""
+        out = []
+        diag = _DIAG.to(x.device)
+        for tokens, real in zip(x, mask):
+            tokens = tokens[real].double()  # [n, TOKEN]
+            frac = torch.remainder((tokens[:, :3] + 1) / 2, 1.0)
+            z = tokens[:, 3 : 3 + MAX_Z].argmax(-1) + 1
+            s6 = tokens[:, 3 + MAX_Z :].mean(0)
+            s6 = torch.where(diag, s6 * 3.0 + 6.0, s6 * 2.0)
+            s = torch.zeros(3, 3, dtype=torch.float64)
+            s[_TRIU[0], _TRIU[1]] = s6
+            s = s + s.T - torch.diag(torch.diagonal(s))
+            w, v = torch.linalg.eigh(s)
+            s = (v * w.clamp(min=1.0)) @ v.T
+            out.append((z.numpy(), frac.numpy(), s.numpy()))
+        return out
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch, norm: LossNorm | None = None):
+        norm = norm or LossNorm.of(batch)
+        if self.training:
+            counts = batch.num_atoms.clamp(max=self.config.max_atoms)
+            self.atom_counts += torch.bincount(counts, minlength=self.config.max_atoms + 1).to(self.atom_counts)
+        x0, mask = pad_atoms(self.encode_tokens(batch), batch.batch_index, batch.num_atoms)  # [B, L, TOKEN]
+        t = torch.randint(0, self.config.steps, (batch.num_crystals,), device=x0.device)  # [B] (0-based step)
+        abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1)
+        noise = torch.randn_like(x0)
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        eps = self.denoiser(xt, t, mask)
+        per_atom = ((eps - noise) ** 2).mean(-1)[mask]  # [N]
+        loss = per_atom.sum() / norm.atoms
+        return loss, {"loss/ddpm_eps_mse": float(per_atom.mean().detach()) if per_atom.numel() else 0.0}
+
+    # ------------------------------------------------------------------ sampling
+    def draw_num_atoms(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        counts = self.atom_counts.double().cpu()
+        if counts.sum() <= 0:
+            raise RuntimeError(
+                "this generator has no atom-count histogram (it was never trained): train it first with "
+                "`crystalfm pretrain train` and an objective named 'ddpm'"
+            )
+        return torch.multinomial(counts / counts.sum(), n, replacement=True, generator=generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, steps: int | None = None, batch_size: int = 256, source: str = "ddpm") -> list[CrystalRecord]:
+        """n crystals by ancestral sampling (reproducible from `seed`). `steps` < T strides the chain."""
+        was_training = self.training
+        self.eval()
+        generator = torch.Generator().manual_seed(seed)
+        device = self.alphas_cumprod.device
+        num_atoms = self.draw_num_atoms(n, generator).clamp(min=1)
+        records: list[CrystalRecord] = []
+        schedule = self._schedule(steps or self.config.steps)
+        for start in range(0, n, batch_size):
+            sizes = num_atoms[start : start + batch_size]
+            mask = torch.arange(int(sizes.max())).unsqueeze(0) < sizes.unsqueeze(1)  # [B, L]
+            x = torch.randn(*mask.shape, TOKEN, generator=generator).to(device)
+            mask = mask.to(device)
+            for t, t_prev in schedule:
+                abar = self.alphas_cumprod[t]
+                abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
+                eps = self.denoiser(x, torch.full((x.shape[0],), t, device=device), mask)
+                x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-3, 3)
+                # posterior q(x_{t_prev} | x_t, x0) for a (possibly strided) chain
+                alpha = abar / abar_prev
+                mean = (abar_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - abar_prev) * x) / (1 - abar)
+                if t_prev >= 0:
+                    var = (1 - abar_prev) / (1 - abar) * (1 - alpha)
+                    x = mean + var.sqrt() * torch.randn(x.shape, generator=generator).to(device)
+                else:
+                    x = mean
+            for i, (z, frac, lattice) in enumerate(self.decode_tokens(x.cpu(), mask.cpu())):
+                records.append(CrystalRecord(f"{source}:{seed}-{start + i}", source, z, frac, lattice))
+        self.train(was_training)
+        return records
+
+    def _schedule(self, steps: int) -> list[tuple[int, int]]:
+        ts = np.unique(np.linspace(0, self.config.steps - 1, steps).round().astype(int))[::-1]
+        return [(int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+
+
+def build(config: dict) -> DDPMObjective:
+    return DDPMObjective(parse_config(DDPMConfig, config, "objective 'ddpm'"))
