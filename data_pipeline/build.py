@@ -5,7 +5,7 @@ Stages (each a small function below; `build` runs them in order):
 1. prepare_output   refuse to clobber a finished shard set; open (or resume) the work dir.
 2. parse_stage      the driver streams each reader's `scan()` in chunks of `chunk_size` entries;
                     one Ray task per chunk parses, validates and encodes its records and writes a
-                    chunk file (a tar of encoded samples + a JSON index, renamed into place), so a
+                    chunk file (encoded samples back to back + a JSON index, each renamed into place), so a
                     rerun after kill -9 skips every chunk already done. Results are consumed in
                     chunk order, so everything downstream sees one deterministic record order.
 3. dedup_stage      on the driver: repeated keys, exact fingerprints and exact matches against
@@ -44,12 +44,12 @@ from data_pipeline.manifest import (
     manifest_digest,
     write_json_atomic,
 )
-from data_pipeline.shard_writer import DeterministicTarWriter, read_members, sample_tar_bytes
+from data_pipeline.shard_writer import BlobWriter, DeterministicTarWriter, read_members, sample_tar_bytes
 
 WORK_DIR = "_work"
 REJECTS_NAME = "rejects.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
-CHUNK_INDEX_VERSION = 1
+CHUNK_INDEX_VERSION = 2
 BUCKET_BATCH = 256  # candidates per structural-matching task
 
 
@@ -77,7 +77,7 @@ class RecordMeta:
     fingerprint: str
     num_atoms: int
     chunk: int  # index into the chunk path list
-    json_ref: tuple[int, int]  # (offset, size) of the .json member in the chunk tar
+    json_ref: tuple[int, int]  # (offset, size) of the .json bytes in the chunk file
     arrays_ref: tuple[int, int]
 
     def tar_bytes(self) -> int:
@@ -332,17 +332,17 @@ def parse_stage(state: BuildState, progress: bool, log) -> None:
     bar = tqdm(desc="parse (chunks)", unit="chunk", disable=not progress, dynamic_ncols=True)
     reused = 0
 
-    def consume(block: bool) -> None:
+    def consume(drain: bool) -> None:
+        """Absorb finished chunks in order; wait on the oldest while too many are in flight."""
         while in_flight:
             src, path, ref = in_flight[0]
             if not isinstance(ref, dict):
-                if not block and not ex.ready(ref):
+                if not (drain or len(in_flight) >= limit) and not ex.ready(ref):
                     return
                 ref = ex.get(ref)
             in_flight.popleft()
             _absorb_chunk(state, src, path, ref)
             bar.update(1)
-            block = False if len(in_flight) < limit else block
 
     for src, number, items in _chunks(state, log):
         spec = state.specs[src]
@@ -355,8 +355,8 @@ def parse_stage(state: BuildState, progress: bool, log) -> None:
         else:
             source = {"kind": spec.kind, "path": spec.path, "options": spec.options, "name": spec.name}
             in_flight.append((src, str(path), ex.submit(parse_chunk, source, items, str(path), digest)))
-        consume(block=len(in_flight) >= limit)
-    consume(block=True)
+        consume(drain=False)
+    consume(drain=True)
     bar.close()
     if reused:
         log(f"resumed: {reused} chunk(s) were already parsed")
@@ -364,7 +364,7 @@ def parse_stage(state: BuildState, progress: bool, log) -> None:
 
 def _load_chunk_index(path: Path, digest: str) -> dict | None:
     index_file = Path(f"{path}.json")
-    if not index_file.exists() or not Path(f"{path}.tar").exists():
+    if not index_file.exists() or not Path(f"{path}.bin").exists():
         return None
     index = json.loads(index_file.read_bytes())
     if index.get("version") != CHUNK_INDEX_VERSION or index.get("digest") != digest:
@@ -374,7 +374,7 @@ def _load_chunk_index(path: Path, digest: str) -> dict | None:
 
 def _absorb_chunk(state: BuildState, src: int, path: str, index: dict) -> None:
     chunk = len(state.chunk_paths)
-    state.chunk_paths.append(f"{path}.tar")
+    state.chunk_paths.append(f"{path}.bin")
     tally = state.tallies[src]
     is_ref = state.roles[src] == "exclude"
     for item in index["items"]:
@@ -418,12 +418,12 @@ def _worker_reader(source: dict):
 
 
 def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
-    """Ray task: parse + validate + encode one chunk; writes `<path>.tar` then `<path>.json`."""
+    """Ray task: parse + validate + encode one chunk; writes `<path>.bin` then `<path>.json`."""
     from data_pipeline.readers import Reject
 
     reader = _worker_reader(source)
     out_items = []
-    with DeterministicTarWriter(f"{path}.tar") as writer:
+    with BlobWriter(f"{path}.bin") as blob:
         for item in items:
             if isinstance(item, Reject):
                 out_items.append(["reject", item.key, item.source, item.location, item.reason])
@@ -433,10 +433,9 @@ def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
                 out_items.append(["reject", item.key, item.source, item.location, result])
                 continue
             sample, facts = result
-            writer.write(sample)
-            json_name, arrays_name = f"{sample['__key__']}.json", f"{sample['__key__']}.safetensors"
-            out_items.append(["record", sample["__key__"], *facts, *writer.offsets[json_name], *writer.offsets[arrays_name]])
-        writer.close()
+            json_ref, arrays_ref = blob.write(sample["json"]), blob.write(sample["safetensors"])
+            out_items.append(["record", sample["__key__"], *facts, *json_ref, *arrays_ref])
+        blob.close()
     index = {"version": CHUNK_INDEX_VERSION, "digest": digest, "source": source["name"], "items": out_items}
     write_json_atomic(f"{path}.json", index)
     return index

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,14 @@ class Moments:
             other = Moments(values.size, values.mean(), ((values - values.mean()) ** 2).sum(), values.min(), values.max())
             self.merge(other)
 
+    def add_scalar(self, value: float) -> None:
+        # Welford's update: the same result as merging a one-element Moments, without numpy.
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+        self.min, self.max = min(self.min, value), max(self.max, value)
+
     def merge(self, other: "Moments") -> None:
         if other.count == 0:
             return
@@ -131,13 +140,12 @@ class ShardStats:
         self.num_samples += 1
         self.num_atoms += n
         self.atoms_hist[n] = self.atoms_hist.get(n, 0) + 1
-        zs, counts = np.unique(record.atomic_numbers, return_counts=True)
-        for z, c in zip(zs.tolist(), counts.tolist()):
+        for z, c in Counter(record.atomic_numbers.tolist()).items():
             self.element_crystals[z] = self.element_crystals.get(z, 0) + 1
             self.element_atoms[z] = self.element_atoms.get(z, 0) + c
         self.sources[record.source] = self.sources.get(record.source, 0) + 1
         for name, value in record.labels().items():
-            self.labels.setdefault(name, Moments()).add_array(np.asarray([value]))
+            self.labels.setdefault(name, Moments()).add_scalar(float(value))
         for name in ARRAY_LABELS:
             value = getattr(record, name)
             if value is not None:

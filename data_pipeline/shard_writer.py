@@ -10,7 +10,6 @@ store only JSON and safetensors, so reading a shard never executes code.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -47,39 +46,49 @@ def sample_tar_bytes(name: str, sizes: dict[str, int]) -> int:
 class DeterministicTarWriter:
     """Append webdataset samples to a tar; `close()` renames it into place and returns its sha256.
 
-    `offsets` maps each member name to (data offset, size) so a reader can seek straight to one
-    sample without scanning the tar (used for the build's intermediate chunk files).
+    Headers are made by `tarfile.TarInfo.tobuf` (ustar; PAX only for names over 100 bytes) and
+    written directly, which is several times faster than `TarFile.addfile` for small members.
+    The result is a plain POSIX tar: two zero blocks at the end, padded to 10 KiB like tarfile's.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
         self._file = open(self.tmp, "wb")
-        self._hash = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)
+        self._sha = hashlib.sha256()
+        self._pos = 0
         self.offsets: dict[str, tuple[int, int]] = {}
         self.num_samples = 0
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+        self._pos += len(data)
 
     def write(self, sample: dict) -> None:
         name = sample["__key__"]
         for ext in MEMBER_EXTS:
             data = sample[ext]
             data = data.encode() if isinstance(data, str) else bytes(data)
-            info = _tarinfo(f"{name}.{ext}", len(data))
-            self._tar.addfile(info, io.BytesIO(data))
-            # tarfile copies the TarInfo, so locate the data from the archive's end offset.
-            self.offsets[info.name] = (self._tar.offset - -(-len(data) // _BLOCK) * _BLOCK, len(data))
+            member = f"{name}.{ext}"
+            fmt = tarfile.USTAR_FORMAT if len(member.encode()) <= 100 else tarfile.PAX_FORMAT
+            self._put(_tarinfo(member, len(data)).tobuf(fmt, "utf-8", "surrogateescape"))
+            self.offsets[member] = (self._pos, len(data))
+            self._put(data)
+            if len(data) % _BLOCK:
+                self._put(b"\0" * (_BLOCK - len(data) % _BLOCK))
         self.num_samples += 1
 
     def close(self) -> tuple[str, int]:
         """Finish the tar, fsync, rename to the final path; returns (sha256 hex, size in bytes)."""
-        self._tar.close()
+        self._put(b"\0" * (2 * _BLOCK))
+        if self._pos % tarfile.RECORDSIZE:
+            self._put(b"\0" * (tarfile.RECORDSIZE - self._pos % tarfile.RECORDSIZE))
         self._file.flush()
         os.fsync(self._file.fileno())
-        size = self._file.tell()
         self._file.close()
         os.replace(self.tmp, self.path)
-        return self._hash.hexdigest(), size
+        return self._sha.hexdigest(), self._pos
 
     def abort(self) -> None:
         try:
@@ -95,22 +104,35 @@ class DeterministicTarWriter:
             self.abort()
 
 
-class _HashingFile:
-    """A write-only file wrapper that hashes what passes through (tarfile needs write/tell)."""
+class BlobWriter:
+    """The build's intermediate chunk file: encoded members back to back, located by (offset, size)
+    in the chunk's JSON index. Not a tar: it is never read by anything but the build."""
 
-    def __init__(self, file):
-        self._file = file
-        self._sha = hashlib.sha256()
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        self._file = open(self.tmp, "wb")
+        self._pos = 0
 
-    def write(self, data) -> int:
-        self._sha.update(data)
-        return self._file.write(data)
+    def write(self, data: bytes) -> tuple[int, int]:
+        self._file.write(data)
+        ref = (self._pos, len(data))
+        self._pos += len(data)
+        return ref
 
-    def tell(self) -> int:
-        return self._file.tell()
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
 
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self._file.close()
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_tar(path: str | Path, samples: Iterable[dict]) -> tuple[str, int, int]:

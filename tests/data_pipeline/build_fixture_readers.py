@@ -72,3 +72,34 @@ def structure_row(ident, structure, **extra) -> dict:
         "lattice": np.asarray(structure.lattice.matrix).tolist(),
         **extra,
     }
+
+
+def crafted_rows() -> list[dict]:
+    """Rock salt and copies of it (supercell, permuted, translated), zinc blende (same formula,
+    another structure), silicon, a broken row and a repeated key; three 'frames' of one group."""
+    from pymatgen.core import Lattice, Structure
+
+    rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    zincblende = Structure.from_spacegroup("F-43m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    silicon = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]])
+    supercell = rocksalt.copy()
+    supercell.make_supercell([1, 2, 1])
+    permuted = Structure(rocksalt.lattice, list(reversed(rocksalt.species)), list(reversed(rocksalt.frac_coords)))
+    translated = rocksalt.copy()
+    translated.translate_sites(list(range(len(rocksalt))), [0.11, 0.23, 0.37])
+    frames = []
+    for step, scale in enumerate((1.0, 1.01, 1.02)):
+        frame = silicon.copy()
+        frame.scale_lattice(silicon.volume * scale ** 3)
+        frames.append(structure_row(f"si-traj:{step}", frame, group="si-traj", energy_per_atom=-5.4 + step * 0.01))
+    return [
+        structure_row("rocksalt", rocksalt, energy_per_atom=-3.4),
+        structure_row("rocksalt-supercell", supercell),
+        structure_row("rocksalt-permuted", permuted),
+        structure_row("rocksalt-translated", translated),
+        structure_row("zincblende", zincblende, energy_per_atom=-3.1),
+        {"id": "broken", "numbers": [1], "frac": [[0, 0, 0]], "lattice": [[3, 0, 0], [0, 3, 0], [0, 0, 3]],
+         "broken": "no structure in this row"},
+        structure_row("rocksalt", rocksalt),  # the same key again
+        *frames,
+    ]

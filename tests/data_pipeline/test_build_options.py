@@ -1,0 +1,153 @@
+"""Build options without Ray (the inline executor runs the same stage functions in-process; the Ray
+tests show both give identical bytes): benchmark exclusion, split grouping, config checking and
+what happens to an existing output directory."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from data_pipeline.build import BuildError, build
+from data_pipeline.build_config import BuildConfig, ConfigError, SourceSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_fixture_readers import KIND, crafted_rows, structure_row, write_jsonl  # noqa: E402
+
+
+def quiet(config: BuildConfig):
+    return build(config, progress=False, log=lambda _: None)
+
+
+def rows_by_id() -> dict[str, dict]:
+    return {row["id"]: row for row in crafted_rows()}
+
+
+def exclusion_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    rows = rows_by_id()
+    silicon = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]])
+    cscl = Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    lif = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.03), ["Li", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    main = [rows["rocksalt"], rows["zincblende"],
+            structure_row("mx:0", silicon, group="mx"), structure_row("mx:1", cscl, group="mx"),  # one material
+            structure_row("lif", lif)]
+    # The benchmark's test set: a supercell of rock salt (a structural match) and an exact copy of
+    # the silicon frame (under another id).
+    test_set = [{**rows["rocksalt-supercell"], "id": "bench-1"}, structure_row("bench-2", silicon)]
+    return write_jsonl(tmp_path / "main.jsonl", main), write_jsonl(tmp_path / "bench_test.jsonl", test_set)
+
+
+def test_benchmark_test_set_structures_are_excluded(tmp_path):
+    main, bench = exclusion_inputs(tmp_path)
+    config = BuildConfig.from_dict({
+        "sources": [{"kind": KIND, "path": str(main), "name": "main", "dedup": "none"}],
+        "exclude": [{"kind": KIND, "path": str(bench), "name": "bench_test", "options": {"source": "bench"}}],
+        "out": str(tmp_path / "out"), "executor": "inline",
+    })
+    m = quiet(config).manifest
+    assert m["counts"]["excluded"] == 3 and m["counts"]["written"] == 2 and m["counts"]["balanced"]
+    assert m["counts"]["dropped_by_how"] == {"excluded": 1, "excluded_exact": 1, "excluded_group": 1}
+    assert m["sources"]["main"]["excluded"] == 3
+    assert m["exclude"]["sources"]["bench_test"]["records_in"] == 2 and m["exclude"]["reference_structures"] == 2
+    dropped = {d["key"]: (d["how"], d["matched"]) for d in map(json.loads, (tmp_path / "out" / "duplicates.jsonl").open())}
+    assert dropped == {
+        "jsonl:rocksalt": ("excluded", "bench:bench-1"),
+        "jsonl:mx:0": ("excluded_exact", "bench:bench-2"),
+        "jsonl:mx:1": ("excluded_group", "bench:bench-2"),  # another frame of the matched material
+    }
+    assert m["statistics"]["all"]["elements"].keys() == {"Na", "Cl", "Li", "F"}  # zinc blende and LiF remain
+
+
+def test_exact_exclusion_without_group_expansion(tmp_path):
+    main, bench = exclusion_inputs(tmp_path)
+    config = BuildConfig.from_dict({
+        "sources": [{"kind": KIND, "path": str(main), "name": "main", "dedup": "none"}],
+        "exclude": [{"kind": KIND, "path": str(bench), "name": "bench_test", "options": {"source": "bench"}}],
+        "exclude_match": "exact", "exclude_whole_group": False,
+        "out": str(tmp_path / "out"), "executor": "inline",
+    })
+    m = quiet(config).manifest
+    assert m["counts"]["dropped_by_how"] == {"excluded_exact": 1}
+    assert m["counts"]["written"] == 4
+
+
+def test_split_by_reduced_formula_keeps_a_composition_together(tmp_path):
+    rows = [structure_row(f"nacl-{i}", Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.0 + 0.05 * i), ["Na", "Cl"],
+                                                                [[0, 0, 0], [0.5, 0.5, 0.5]]))
+            for i in range(24)]
+    path = write_jsonl(tmp_path / "nacl.jsonl", rows)
+    common = {"sources": [{"kind": KIND, "path": str(path), "name": "nacl", "dedup": "none"}],
+              "splits": {"train": 0.5, "val": 0.5}, "executor": "inline"}
+    by_group = quiet(BuildConfig.from_dict({**common, "out": str(tmp_path / "g")})).manifest
+    by_formula = quiet(BuildConfig.from_dict({**common, "out": str(tmp_path / "f"), "split_by": "reduced_formula"})).manifest
+    assert by_group["splits"]["train"]["num_samples"] > 0 and by_group["splits"]["val"]["num_samples"] > 0
+    assert sorted(s["num_samples"] for s in by_formula["splits"].values()) == [0, 24]
+
+
+def test_shards_respect_the_target_size(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", crafted_rows())
+    m = quiet(BuildConfig.from_dict({
+        "sources": [{"kind": KIND, "path": str(path), "name": "c", "dedup": "none"}],
+        "splits": {"train": 1.0}, "shard_bytes": 8192, "out": str(tmp_path / "out"), "executor": "inline",
+    })).manifest
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) > 1
+    assert all(s["bytes"] <= 8192 + 10240 for s in shards)  # tar pads its end to a 10 KiB record
+    assert [s["file"] for s in shards] == [f"train-{i:06d}.tar" for i in range(len(shards))]
+
+
+def test_existing_outputs_are_guarded(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", crafted_rows()[:2])
+    config = BuildConfig.from_dict({"sources": [{"kind": KIND, "path": str(path), "name": "c"}],
+                                    "out": str(tmp_path / "out"), "executor": "inline"})
+    quiet(config)
+    with pytest.raises(BuildError, match="different config"):
+        quiet(config.replace(seed=3))
+    replaced = quiet(config.replace(seed=3, force=True))
+    assert replaced.manifest["build_config"]["seed"] == 3
+    # An unfinished build of another config in the same place is not mixed in.
+    (tmp_path / "out2" / "_work").mkdir(parents=True)
+    (tmp_path / "out2" / "_work" / "config.json").write_text(json.dumps({"fingerprint": "other"}))
+    with pytest.raises(BuildError, match="unfinished build of a different config"):
+        quiet(config.replace(out=str(tmp_path / "out2")))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not a shard set"):
+        quiet(config.replace(out=str(tmp_path / "foreign")))
+    with pytest.raises(BuildError, match="cannot be opened"):
+        quiet(BuildConfig.from_dict({"sources": [{"kind": "mptrj", "path": str(tmp_path / "missing.json")}],
+                                     "out": str(tmp_path / "out3"), "executor": "inline"}))
+
+
+def test_config_is_typed_and_strict(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['shard_size'\]; allowed keys are"):
+        BuildConfig.from_dict({"shard_size": 10})
+    with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) \['dedupe'\]"):
+        BuildConfig.from_dict({"sources": [{"kind": "mptrj", "path": "x", "dedupe": "exact"}]})
+    with pytest.raises(ConfigError, match="dedup must be one of"):
+        BuildConfig.from_dict({"sources": [{"kind": "mptrj", "path": "x", "dedup": "fuzzy"}]})
+    with pytest.raises(ConfigError, match="sum to 1"):
+        BuildConfig.from_dict({"splits": {"train": 0.9, "val": 0.2}})
+    with pytest.raises(ConfigError, match="unique"):
+        BuildConfig.from_dict({"sources": ["mptrj:a.json:x", "cdvae_csv:b.csv:x"]})
+    with pytest.raises(ConfigError, match="matcher: unknown key"):
+        BuildConfig.from_dict({"matcher": {"ltoll": 0.1}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: [mptrj:a.json]\nsplit_by: material\n")
+    with pytest.raises(ConfigError, match="bad.yaml: split_by must be one of"):
+        BuildConfig.from_yaml(bad)
+
+    spec = SourceSpec.parse("cdvae_csv:../data/mp_20/train.csv.gz:mp20")
+    assert (spec.kind, spec.path, spec.name) == ("cdvae_csv", "../data/mp_20/train.csv.gz", "mp20")
+    spec = SourceSpec.parse("mptrj:/data/MPtrj_2022.9_full.json")
+    assert (spec.path, spec.name) == ("/data/MPtrj_2022.9_full.json", "mptrj:MPtrj_2022.9_full")
+    # Runtime fields do not change the fingerprint; data fields do.
+    base = BuildConfig.from_dict({"sources": ["mptrj:a.json"]})
+    assert base.replace(out="elsewhere", num_workers=7, executor="inline").fingerprint() == base.fingerprint()
+    assert base.replace(seed=1).fingerprint() != base.fingerprint()
+    # The YAML view round-trips.
+    again = tmp_path / "again.yaml"
+    again.write_text(base.to_yaml())
+    assert BuildConfig.from_yaml(again) == base

@@ -1,0 +1,55 @@
+"""`crystalfm data build|inspect` through the one console script (inline executor: no Ray here)."""
+from __future__ import annotations
+
+import pytest
+
+from crystalfm.cli import main as crystalfm_main
+from data_pipeline.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        crystalfm_main(["data", "build", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--source KIND:PATH[:NAME]" in out and "--ray-address" in out and "resumes" in out
+
+
+def test_build_from_flags_then_rerun_reports_existing(shared_data, tmp_path, capsys):
+    source = f"mptrj:{shared_data / 'derived_layouts' / 'mptrj' / 'bad' / 'force_shape.json'}:bad"
+    args = ["data", "build", "--source", source, "--out", str(tmp_path / "out"), "--inline", "--no-progress",
+            "--splits", "train=0.5,val=0.25,test=0.25", "--shard-bytes", "64KB", "--seed", "7"]
+    assert crystalfm_main(args) == 0
+    out = capsys.readouterr().out
+    assert "crystalfm data build, config:" in out and "seed: 7" in out and "shard_bytes: 65536" in out
+    assert "records in 18 = written 17 + rejects 1 + duplicates 0 + excluded 0" in out
+    rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert '"reason": "label_shape: forces shape' in rejects and "force_shape.json" in rejects
+
+    assert crystalfm_main(args) == 0
+    assert "already holds a finished build of this config" in capsys.readouterr().out
+    assert crystalfm_main(args[:-1] + ["8"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("sources: [mptrj:x.json]\nshard_size: 5\n")
+    assert main(["build", str(config), "--inline"]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml: build config: unknown key(s) ['shard_size']" in err
+    assert main(["build", "--source", "nonsense", "--inline"]) == 2
+    assert "expected KIND:PATH[:NAME]" in capsys.readouterr().err
+    assert main(["build", "--source", "no_such_kind:x", "--inline", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown source kind 'no_such_kind'" in capsys.readouterr().err
+
+
+def test_sample_build_or_a_clear_message(tmp_path, capsys):
+    try:
+        from data_pipeline.sample import sample_sources  # noqa: F401
+    except ImportError:
+        assert main(["build", "--sample", "--inline", "--out", str(tmp_path / "demo")]) == 2
+        assert "embedded demo sample is not available" in capsys.readouterr().err
+        return
+    assert main(["build", "--sample", "--inline", "--no-progress", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "manifest.json").exists()
