@@ -185,5 +185,9 @@ def parse_cif_pymatgen(text: str):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        parser = CifParser.from_str(text)
-        return parser.parse_structures(primitive=False)[0]
+        parser = CifParser.from_str(text, check_cif=False)  # check_cif only warns; ~10% of the time
+        try:
+            return parser.parse_structures(primitive=False)[0]
+        except ValueError as error:  # "no structures!": the real reason is in the parser's warnings
+            details = "; ".join(str(w)[:160] for w in parser.warnings[-3:])
+            raise ValueError(f"{error} {details}".strip()) from None
