@@ -390,12 +390,18 @@ class Trainer:
         """Mean loss over `train.eval_batches` validation batches per rank (no gradients)."""
         if self.val_loader is None:
             return {}
+        # The same validation batches every time: rewind the loader to where it started.
+        if not hasattr(self, "_val_start"):
+            self._val_start = self.val_loader.state_dict()
+        self.val_loader.load_state_dict(self._val_start)
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for i, batch in enumerate(self.val_loader):
                 if i >= self.config.train.eval_batches:
                     break
+                if getattr(batch, "padding", False):
+                    continue
                 loss, _ = self.engine(batch.to(self.device, dtype=self.dtype), LossNorm.of(batch))
                 total += torch.tensor([float(loss), 1.0], dtype=torch.float64, device=self.device)
         self.engine.train()

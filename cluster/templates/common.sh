@@ -23,19 +23,29 @@ MASTER_HOST=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | hea
 export MASTER_ADDR="${CRYSTALFM_MASTER_ADDR:-$MASTER_HOST}"
 export MASTER_PORT="${CRYSTALFM_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 
-# Preemption and time limits: SLURM sends USR1 (--signal=B:USR1@...) to this shell before the
-# limit, and TERM on preemption. Forward TERM to the job step (srun passes it to every task; the
-# trainer saves a checkpoint and exits), then requeue: the next start resumes from `latest`.
+# Time limits and preemption. `--signal=B:USR1@...` warns this shell before the time limit:
+# forward TERM to the job step (srun passes it to every task; the trainer finishes its step, saves
+# a checkpoint and exits 0), then requeue; the next start resumes from `latest`. TERM itself
+# (preemption, scancel) is only forwarded so ranks checkpoint: preemption with PreemptMode=REQUEUE
+# requeues by itself, and scancel must stay a real cancel.
 STEP_PID=""
-requeue_on_signal() {
-  echo "[crystalfm] $1 received at $(date -u +%FT%TZ): checkpointing and requeueing" >&2
+stop_step() {
   [ -n "$STEP_PID" ] && kill -TERM "$STEP_PID" 2>/dev/null || true
   [ -n "$STEP_PID" ] && wait "$STEP_PID" 2>/dev/null || true
+}
+on_time_limit() {
+  echo "[crystalfm] time limit near ($(date -u +%FT%TZ)): checkpointing and requeueing" >&2
+  stop_step
   scontrol requeue "$SLURM_JOB_ID" || echo "[crystalfm] requeue failed: resubmit; the run resumes from latest" >&2
   exit 0
 }
-trap 'requeue_on_signal USR1' USR1
-trap 'requeue_on_signal TERM' TERM
+on_term() {
+  echo "[crystalfm] TERM received ($(date -u +%FT%TZ)): asking ranks to checkpoint" >&2
+  stop_step
+  exit 143
+}
+trap on_time_limit USR1
+trap on_term TERM
 
 # run_step CMD...: run a job step in the background and wait for it (so traps fire promptly).
 run_step() {

@@ -189,7 +189,8 @@ def test_ray_head_plus_worker_by_address_builds_identical_shards(built):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # `ray start` turns on token authentication (~/.ray/auth_token); clients must opt in to use it.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     # Our own process groups: stopping them never touches other Ray sessions on this machine.
     head = subprocess.Popen([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                              "--include-dashboard=false", "--block"], env=env, start_new_session=True,
