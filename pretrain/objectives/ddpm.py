@@ -37,7 +37,8 @@ _DIAG = torch.tensor([True, False, False, True, False, True])  # which polar6 en
 class DDPMConfig:
     """layers/width/heads/dropout: the denoiser (paper defaults). steps: T of the DDPM.
     cosine_s: offset of the cosine schedule (Nichol & Dhariwal). max_atoms: largest crystal the
-    atom-count histogram tracks (larger ones are counted at max_atoms)."""
+    atom-count histogram tracks (larger ones are counted at max_atoms). init_from: a ddpm release
+    directory whose architecture and weights (histogram included) this objective starts from."""
 
     layers: int = 12
     width: int = 1024
@@ -46,6 +47,7 @@ class DDPMConfig:
     steps: int = 256
     cosine_s: float = 0.008
     max_atoms: int = 64
+    init_from: str | None = None  # a ddpm release to continue from (refinement); its sizes win
 
 
 def cosine_alphas_cumprod(steps: int, s: float) -> torch.Tensor:
@@ -93,11 +95,30 @@ class DDPMObjective(Objective):
 
     def __init__(self, config: DDPMConfig):
         super().__init__()
+        init_state = None
+        if config.init_from is not None:
+            from dataclasses import replace
+
+            from pretrain.release import load_pretrained
+
+            source = load_pretrained(config.init_from)
+            if not isinstance(source, DDPMObjective):
+                raise ValueError(f"ddpm.init_from: {config.init_from} holds a {type(source).__name__}, not a ddpm release")
+            config = replace(source.config, init_from=config.init_from)
+            init_state = source.state_dict()
         self.config = config
         self.denoiser = Denoiser(config)
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(config.steps, config.cosine_s).float())
         # how many training crystals had n atoms (index n); sampling draws from it
         self.register_buffer("atom_counts", torch.zeros(config.max_atoms + 1))
+        if init_state is not None:
+            self.load_state_dict(init_state, strict=True)
+
+    def export_config(self) -> dict:
+        """The config to save with a checkpoint: sizes inlined, init_from dropped."""
+        from dataclasses import asdict
+
+        return {"name": "ddpm", **asdict(self.config), "init_from": None}
 
     def batch_views(self) -> dict:
         return {"graph": None, "tokens": False, "pdd_k": None}
