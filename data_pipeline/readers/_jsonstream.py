@@ -18,6 +18,7 @@ import re
 from typing import Any, Iterator, TextIO
 
 _WS = re.compile(r"[ \t\n\r]*")
+_NUMBER_END = re.compile(r"[\s,\]}]")
 _CHUNK = 1 << 20  # characters per read
 _MAX_DOCUMENT = 1 << 30  # characters: a single document larger than this is not a document
 _decoder = json.JSONDecoder()
@@ -96,10 +97,11 @@ class JsonStream:
                     ) from None
                 need *= 2  # a document spanning many chunks: grow reads so retries stay linear
                 continue
-            # A bare number can end at the buffer's end while more digits follow: only trust it
-            # when something follows it (containers and strings are always complete).
-            if end == len(self.buf) and not isinstance(obj, (dict, list, str)) and self._read_more():
-                continue
+            # A bare number can be cut by the buffer ("1" of "1e5"): only trust it once a delimiter
+            # or the end of the data follows (containers and strings are always complete).
+            if not isinstance(obj, (dict, list, str)):
+                if _NUMBER_END.match(self.buf, end) is None and self._read_more():
+                    continue
             self.pos = end
             return obj
 
