@@ -28,7 +28,9 @@ except Exception as exc:  # ImportError, or a triton that cannot initialise on t
     K = None
     _IMPORT_ERROR = exc
 
-_EDGE_TILE = 16  # edges per tile: MP-20 receivers have ~25 neighbours → two tiles
+_EDGE_TILE = 16  # edges per tile off-GPU: MP-20 receivers have ~25 neighbours → two tiles
+_TUNE_KEYS = {"attn": ["H", "D"], "gmr": ["d"], "gated": ["d"]}
+_tuned: dict = {}
 
 
 def interpreting() -> bool:
@@ -72,6 +74,27 @@ def _check_device(*tensors: torch.Tensor) -> None:
         raise TypeError("the Triton interpreter does not support bf16; use fp32/fp64 on CPU")
 
 
+def _configs(device: torch.device) -> list:
+    """Edge-tile / warp configurations to try. Several only on CUDA: the interpreter cannot
+    benchmark configurations (no GPU driver), so it gets the single default one."""
+    if device.type != "cuda":
+        return [triton.Config({"BLOCK_E": _EDGE_TILE}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_E": block_e}, num_warps=warps)
+        for block_e in (8, 16, 32, 64)
+        for warps in (2, 4, 8)
+    ]
+
+
+def _kernel(name: str, device: torch.device):
+    """The kernel wrapped in triton.autotune (keyed on the feature sizes), built once per device type."""
+    key = (name, device.type)
+    if key not in _tuned:
+        keys = _TUNE_KEYS[name.split("_")[0]]
+        _tuned[key] = triton.autotune(configs=_configs(device), key=keys)(getattr(K, name))
+    return _tuned[key]
+
+
 def _grid_cols(n: int, d: int, block_d: int):
     return (n, triton.cdiv(d, block_d))
 
@@ -92,8 +115,8 @@ def gmr(
     out = torch.empty(n, d, dtype=torch.result_type(x, w), device=x.device)  # [N, d]
     if n and d:
         block_d = _block_d(d)
-        K.gmr_fwd_kernel[_grid_cols(n, d, block_d)](
-            x, w, senders, offsets, out, d, MEAN=mean, ACC=_acc(out.dtype), BLOCK_E=_EDGE_TILE, BLOCK_D=block_d
+        _kernel("gmr_fwd_kernel", x.device)[_grid_cols(n, d, block_d)](
+            x, w, senders, offsets, out, d, MEAN=mean, ACC=_acc(out.dtype), BLOCK_D=block_d
         )
     return out
 
@@ -116,9 +139,9 @@ def gmr_backward(
     n, d = x.shape
     if n and d:
         block_d = _block_d(d)
-        K.gmr_bwd_src_kernel[_grid_cols(n, d, block_d)](
+        _kernel("gmr_bwd_src_kernel", x.device)[_grid_cols(n, d, block_d)](
             grad, x, w, receivers, sender_perm, sender_offsets, gx, gw, d,
-            ACC=_acc(x.dtype), BLOCK_E=_EDGE_TILE, BLOCK_D=block_d,
+            ACC=_acc(x.dtype), BLOCK_D=block_d,
         )
     return gx, gw
 
@@ -161,9 +184,9 @@ def attention(
     out = torch.empty_like(q)
     lse = torch.empty(n, h, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if n and h and d:
-        K.attn_fwd_kernel[(n, h)](
+        _kernel("attn_fwd_kernel", q.device)[(n, h)](
             q, k, v, k_edge, v_edge, senders, offsets, out, lse, h, d, 1.0 / math.sqrt(d),
-            ACC=_acc(q.dtype), BLOCK_E=_EDGE_TILE, BLOCK_D=triton.next_power_of_2(d),
+            ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d),
         )
     return out, lse
 
@@ -188,11 +211,11 @@ def attention_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, H, D]
     if n and h and d:
-        scale, meta = 1.0 / math.sqrt(d), dict(ACC=_acc(q.dtype), BLOCK_E=_EDGE_TILE, BLOCK_D=triton.next_power_of_2(d))
-        K.attn_bwd_dst_kernel[(n, h)](
+        scale, meta = 1.0 / math.sqrt(d), dict(ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d))
+        _kernel("attn_bwd_dst_kernel", q.device)[(n, h)](
             q, k, v, k_edge, v_edge, grad, lse, delta, senders, offsets, dq, h, d, scale, **meta
         )
-        K.attn_bwd_src_kernel[(n, h)](
+        _kernel("attn_bwd_src_kernel", q.device)[(n, h)](
             q, k, v, k_edge, v_edge, grad, lse, delta, receivers, sender_perm, sender_offsets,
             dk, dv, dke, dve, h, d, scale, **meta,
         )
@@ -234,9 +257,9 @@ def gated(
     out = torch.empty_like(q)
     if n and d:
         block_d = _block_d(d)
-        K.gated_fwd_kernel[_grid_cols(n, d, block_d)](
+        _kernel("gated_fwd_kernel", q.device)[_grid_cols(n, d, block_d)](
             q, k, v, k_edge, v_edge, senders, offsets, out, d, 1.0 / math.sqrt(d),
-            ACC=_acc(q.dtype), BLOCK_E=_EDGE_TILE, BLOCK_D=block_d,
+            ACC=_acc(q.dtype), BLOCK_D=block_d,
         )
     return out
 
@@ -259,10 +282,10 @@ def gated_backward(
     dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)
     if n and d:
         block_d, scale = _block_d(d), 1.0 / math.sqrt(d)
-        meta = dict(ACC=_acc(q.dtype), BLOCK_E=_EDGE_TILE, BLOCK_D=block_d)
+        meta = dict(ACC=_acc(q.dtype), BLOCK_D=block_d)
         grid = _grid_cols(n, d, block_d)
-        K.gated_bwd_dst_kernel[grid](q, k, v, k_edge, v_edge, grad, senders, offsets, dq, d, scale, **meta)
-        K.gated_bwd_src_kernel[grid](
+        _kernel("gated_bwd_dst_kernel", q.device)[grid](q, k, v, k_edge, v_edge, grad, senders, offsets, dq, d, scale, **meta)
+        _kernel("gated_bwd_src_kernel", q.device)[grid](
             q, k, v, k_edge, v_edge, grad, receivers, sender_perm, sender_offsets, dk, dv, dke, dve, d, scale, **meta
         )
     return dq, dk, dv, dke, dve
