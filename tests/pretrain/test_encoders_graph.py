@@ -36,6 +36,15 @@ ATOL = 1e-6
 _BASE: dict = {}
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small models: with two threads, thread hand-offs dominate on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def _encoder(key, **overrides):
     torch.manual_seed(0)
     return build_encoder({**SMALL[key], **overrides}).double().eval()
