@@ -217,7 +217,7 @@ def prepare_output(config: BuildConfig, out: Path, log) -> BuildResult | None:
         (work / sub).mkdir(parents=True, exist_ok=True)
     if not work_config.exists():
         write_json_atomic(work_config, {"fingerprint": fingerprint, "config": config.data_dict()})
-    for stale in out.glob("*.tmp*"):
+    for stale in [*out.glob("*.tmp*"), *work.glob("*/*.tmp*")]:  # left by a killed build
         stale.unlink()
     return None
 
@@ -242,7 +242,9 @@ def connect_ray(address: str | None, num_workers: int | None, log) -> bool:
         log(f"joining the Ray cluster at {address}")
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_workers or os.cpu_count(), **kwargs)
+        # address="local": always a fresh in-process cluster, never a stale or foreign one that
+        # /tmp/ray/ray_current_cluster happens to name (ray.init() would try to attach to it).
+        ray.init(address="local", num_cpus=num_workers or os.cpu_count(), **kwargs)
     return True
 
 
