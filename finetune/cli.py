@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a sweep config (see configs/finetune_*.yaml)")
     sweep.add_argument("config", help="YAML with SweepConfig fields")
     sweep.add_argument("--backend", choices=["ray", "serial"])
+    sweep.add_argument("--encoders", nargs="+", metavar="DIR|scratch", help="replace the config's encoder list")
     sweep.add_argument("--shard", help="i/n: run every n-th run starting at i (default: the SLURM array position)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a train field for every run (YAML value), e.g. --set epochs=5")
@@ -139,6 +140,8 @@ def cmd_sweep(args) -> int:
     sweep = SweepConfig.from_dict(load_yaml(args.config))
     if args.backend:
         sweep.backend = args.backend
+    if args.encoders:
+        sweep.encoders = list(args.encoders)
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -161,7 +161,12 @@ def _run_ray(configs: list[dict], sweep: SweepConfig, progress: bool) -> list[Ru
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}},
         )
     threads = max(1, int(sweep.cpus_per_run))
-    remote = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run, max_retries=0)(_run_one)
+    gpus = sweep.gpus_per_run
+    if gpus and not ray.cluster_resources().get("GPU"):
+        print("[sweep] no GPU in the Ray cluster: gpus_per_run ignored, runs use CPUs", flush=True)
+        gpus = 0
+    cpus = min(sweep.cpus_per_run, ray.cluster_resources().get("CPU", 1))  # never unschedulable
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run_one)
     pending, summaries = [], []
     limit = sweep.max_parallel or len(configs)
     queue = list(configs)

@@ -127,7 +127,9 @@ def fit(
         t0 = time.perf_counter()
         train_loss, seen = _train_epoch(model, train_batches(epoch), optimizer, scheduler, config, device, feature_cache)
         seconds = time.perf_counter() - t0
-        val_metrics, _ = evaluate(model, val_batches, device) if val_batches else ({"mae": train_loss}, None)
+        val_metrics = evaluate(model, val_batches, device)[0] if val_batches else {}
+        # Without a validation split the best epoch is chosen on the training loss.
+        score = val_metrics["mae"] if val_batches else train_loss
         record = {
             "train_loss": train_loss,
             **{f"val_{k}": v for k, v in val_metrics.items() if k != "count"},
@@ -138,8 +140,8 @@ def fit(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, record)
-        if val_metrics["mae"] < best_mae:
-            best_mae, stale, result.best_epoch = val_metrics["mae"], 0, epoch
+        if score < best_mae:
+            best_mae, stale, result.best_epoch = score, 0, epoch
             best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
         else:
             stale += 1
