@@ -248,3 +248,20 @@ def test_batchnorm_variant_is_invariant_in_eval_and_batch_dependent_in_training(
         alone = encoder(collate(subset[:1], _views(encoder), dtype=torch.float64))
         together = encoder(collate(subset[:6], _views(encoder), dtype=torch.float64))[: subset[0].num_atoms]
         assert torch.allclose(alone, together, atol=ATOL) != depends, norm
+
+
+def test_lattice_self_edges_option(records, clean):
+    """Matformer's self-connecting edges (±a, ±b, ±c) are opt-in: they keep rotation and permutation
+    invariance, but a supercell doubles |a|, so they trade away invariance to the choice of cell."""
+    encoder = _encoder("matformer", neighbor_rule={"lattice_self_edges": True})
+    subset = [records[i] for i in clean[:8]]
+    h, y, batch = _encode(encoder, subset)
+    assert batch.num_edges == sum(r.num_atoms for r in subset) * (encoder.neighbor_rule["k"] + 6)
+    rng = np.random.default_rng(5)
+    rotated = [r.replace(lattice=r.lattice @ _random_rotation(rng).T) for r in subset]
+    perms = [rng.permutation(r.num_atoms) for r in subset]
+    permuted = [r.replace(atomic_numbers=r.atomic_numbers[p], frac_coords=r.frac_coords[p]) for r, p in zip(subset, perms)]
+    torch.testing.assert_close(_encode(encoder, rotated)[1], y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_encode(encoder, permuted)[1], y, atol=ATOL, rtol=0)
+    y_super = _encode(encoder, [_supercell_2x1x1(r) for r in subset])[1]
+    assert (y_super - y).abs().max() > 1e-4
