@@ -6,6 +6,7 @@
                                         --shard i/n or a SLURM array picks a share)
     compare [--task T ...]              the MLflow comparison table (CSV, Markdown, PNG)
     predict MODEL PATH...               properties with units for CIF/POSCAR files or folders
+    export-split TASK --out-dir DIR     a task's test split as CIFs, to exclude from pretraining shards
 """
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--task", action="append", help="only these tasks (repeatable)")
     compare.add_argument("--save-dir", help="where comparison.csv/.md/.png go (default OUT/comparison)")
     _common(compare, data=False)
+
+    export = sub.add_parser("export-split", help="write a task's split as CIFs (to exclude it from pretraining)")
+    export.add_argument("task")
+    export.add_argument("--split", default="test", choices=["train", "val", "test"])
+    export.add_argument("--out-dir", required=True)
+    export.add_argument("--data-root")
 
     predict = sub.add_parser("predict", help="predict properties of CIF/POSCAR files")
     predict.add_argument("model", help="model dir, folder of model dirs, or models:/crystalfm-<task>@best")
@@ -196,7 +203,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"tasks": cmd_tasks, "train": cmd_train, "sweep": cmd_sweep, "compare": cmd_compare, "predict": cmd_predict}
+def cmd_export_split(args) -> int:
+    from finetune.data import export_split
+    from finetune.tasks import get_task
+
+    out = export_split(get_task(args.task), args.split, args.out_dir, root=args.data_root)
+    count = len((out / "keys.txt").read_text().split())
+    print(f"{count} {args.split} crystals of {args.task} written to {out}; exclude them from a shard build with\n"
+          f"  exclude: [{{kind: structure_files, path: {out}, name: {args.task}_{args.split}}}]")
+    return 0
+
+
+COMMANDS = {"tasks": cmd_tasks, "export-split": cmd_export_split, "train": cmd_train, "sweep": cmd_sweep, "compare": cmd_compare, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,3 +230,25 @@ def _parse_all(task: Task, items: list[_Item], rejects: list[Reject], *, progres
         except (RecordError, ValueError) as exc:
             rejects.append(Reject(entry.key, entry.source, entry.location, str(exc)))
     return records
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_split(task: Task, split: str, out_dir: str | Path, *, root: str | Path | None = None) -> Path:
+    """Write a split's structures as CIFs (one per crystal, named by key) plus `keys.txt`.
+
+    Its use: keep fine-tune test sets out of pretraining. A data build lists the folder under
+    `exclude: [{kind: structure_files, path: DIR, name: ...}]` and drops every matching crystal."""
+    from pymatgen.io.cif import CifWriter
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data = load_task_data(task, root=root, progress=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for record in data.split(split):
+        name = record.key.replace(":", "__").replace("/", "_")
+        CifWriter(record.to_structure()).write_file(str(out_dir / f"{name}.cif"))
+        keys.append(record.key)
+    (out_dir / "keys.txt").write_text("\n".join(keys) + "\n")
+    return out_dir

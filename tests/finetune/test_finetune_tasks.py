@@ -85,3 +85,17 @@ def test_user_csv_task_keeps_going_past_bad_rows(shared_data, tmp_path):
     first = lines[0].split(",")
     record = next(r for s in ("train", "val", "test") for r in data.split(s) if r.key.endswith(first[0].rsplit(".", 1)[0]))
     assert record.properties["optb88vdw_bandgap"] == pytest.approx(float(first[1]))
+
+
+def test_export_split_round_trips_through_the_structure_reader(shared_data, tmp_path):
+    from data_pipeline.readers import open_reader
+    from finetune.data import export_split
+
+    task = get_task("jarvis_slme")
+    out = export_split(task, "test", tmp_path / "holdout", root=shared_data)
+    expected = load_task_data(task, root=shared_data, progress=False).test
+    keys = (out / "keys.txt").read_text().split()
+    assert keys == [r.key for r in expected] and len(keys) == 4
+    reader = open_reader("structure_files", out)
+    parsed = [reader.parse(entry) for entry in reader.scan()]
+    assert sorted(r.num_atoms for r in parsed) == sorted(r.num_atoms for r in expected)
