@@ -147,3 +147,28 @@ def test_dit_starts_at_zero_and_is_permutation_equivariant():
     moved = xp.clone()
     moved[1, 0] += 1.0
     assert (dit(moved, t, mask)[1, 1:5] - dit(xp, t, mask)[1, 1:5]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "path", ["objective_vae.yaml", "objective_vae_paper.yaml", "objective_latent_flow.yaml",
+             "objective_jepa.yaml", "objective_jepa_sigreg.yaml"],
+)
+def test_example_configs_build(path):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / path).read_text())["objective"]
+    objective = build_objective(config)
+    # every key the file spells out is a real field, and defaults written there are the code's
+    fields = {f.name: f for f in dataclasses.fields(objective.config)}
+    assert set(config) - {"name"} <= set(fields)
+    if path in ("objective_vae.yaml", "objective_latent_flow.yaml", "objective_jepa.yaml"):  # "every key with its default"
+        defaults = dataclasses.asdict(type(objective.config)())
+        assert set(config) - {"name"} == set(defaults)
+        for key, value in config.items():
+            if key != "name":
+                assert value == defaults[key], (path, key)
+    views = objective.batch_views()
+    assert set(views) == {"graph", "tokens", "pdd_k"}
