@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.encoders.base import Encoder, register_encoder
 from pretrain.encoders.blocks import GaussianRBF, make_norm, model_dtype
@@ -84,6 +85,7 @@ class MatformerEncoder(Encoder):
         aggregation: 'gated' (Matformer's sigmoid gate, default) or 'attention' (softmax per head).
         norm: 'layer' (default, batch-independent) or 'batch' (the paper's BatchNorm1d).
         neighbor_rule: overrides of the loader's neighbour rule (k, cutoff, lattice_self_edges).
+        activation_checkpointing: recompute each layer's activations in the backward pass (less memory).
     Input: a CrystalBatch with the graph view. Output: per-atom latents [N, width].
     """
 
@@ -101,9 +103,11 @@ class MatformerEncoder(Encoder):
         norm: str = "layer",
         max_z: int = 100,
         neighbor_rule: dict | None = None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.out_dim = width
+        self.activation_checkpointing = activation_checkpointing
         self.neighbor_rule = {**type(self).neighbor_rule, **(neighbor_rule or {})}
         self.atom_embedding = nn.Embedding(max_z + 1, width)
         self.edge_embedding = DistanceEmbedding(width, rbf_bins, rbf_cutoff)
@@ -114,6 +118,7 @@ class MatformerEncoder(Encoder):
         graph = CSRGraph.from_batch(batch)
         h = self.atom_embedding(batch.atomic_numbers)  # [N, d]
         e = self.edge_embedding(batch.edge_vectors().to(dtype))  # [E, d]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, e, graph)  # [N, d]
+            h = checkpoint(layer, h, e, graph, use_reentrant=False) if recompute else layer(h, e, graph)  # [N, d]
         return h

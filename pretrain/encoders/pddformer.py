@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.encoders.base import Encoder, register_encoder
 from pretrain.encoders.blocks import GaussianRBF, make_norm, model_dtype
@@ -116,6 +117,8 @@ class PDDFormerEncoder(Encoder):
         norm: 'layer' (default: per-atom, batch-independent) or 'batch' (the paper's BatchNorm1d).
         dropout: dropout in the PDD gate (paper: 0.1; pretraining default 0).
         neighbor_rule: overrides of the loader's neighbour rule (k, cutoff, lattice_self_edges).
+        activation_checkpointing: recompute each layer's E×d edge activations in the backward pass
+            instead of storing them (less memory for large cells, about one more forward of compute).
     Input: a CrystalBatch with the graph view and `pdd`. Output: per-atom latents [N, width].
     """
 
@@ -135,12 +138,14 @@ class PDDFormerEncoder(Encoder):
         dropout: float = 0.0,
         max_z: int = 100,
         neighbor_rule: dict | None = None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"pddformer needs num_layers >= 1, got {num_layers}")
         self.out_dim = width
         self.pdd_k = pdd_k
+        self.activation_checkpointing = activation_checkpointing
         self.neighbor_rule = {**type(self).neighbor_rule, **(neighbor_rule or {})}
         self.atom_embedding = nn.Embedding(max_z + 1, width)
         self.pdd_embedding = nn.Linear(pdd_k + 1, width)
@@ -173,8 +178,9 @@ class PDDFormerEncoder(Encoder):
         h = self.atom_embedding(batch.atomic_numbers)  # [N, d]
         p = self.pdd_embedding(self.pdd_input(batch, dtype))  # [N, d]
         e = self.edge_embedding(batch.edge_vectors().to(dtype))  # [E, d]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.attention):
-            h = layer(h, e, graph)  # [N, d]
+            h = checkpoint(layer, h, e, graph, use_reentrant=False) if recompute else layer(h, e, graph)  # [N, d]
             if i < len(self.pdd_blocks):
                 h, p = self.pdd_blocks[i](h, p)
         return h  # [N, d]

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from data_pipeline.batch import TOKEN_DIM
 from pretrain.encoders.base import Encoder, register_encoder
@@ -103,6 +104,7 @@ class TokenTransformerEncoder(Encoder):
         width: d (Crys-JEPA: 512).  num_layers: 8.  heads: 16.  mlp_ratio: 4.  dropout: 0.
         coord_features: 'fourier' (default; periodic sin/cos of frac coords) or 'raw' (the paper's raw frac coords).
         num_frequencies: Fourier frequencies n = 1..num_frequencies per coordinate.
+        activation_checkpointing: recompute each block's activations in the backward pass (less memory).
     Input: a CrystalBatch with the token view (or explicit tokens/mask). Output: per-atom latents [N, width];
     `embed(batch, 'cls')` gives the [CLS] output [B, width].
     """
@@ -118,9 +120,11 @@ class TokenTransformerEncoder(Encoder):
         dropout: float = 0.0,
         coord_features: str = "fourier",
         num_frequencies: int = 8,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.out_dim = width
+        self.activation_checkpointing = activation_checkpointing
         self.embedding = TokenEmbedding(width, coord_features, num_frequencies)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.normal_(self.cls, std=0.02)
@@ -135,8 +139,9 @@ class TokenTransformerEncoder(Encoder):
         b = tokens.shape[0]
         x = torch.cat([self.cls.expand(b, -1, -1), self.embedding(tokens)], dim=1)  # [B, 1 + L, d]
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)  # [B, 1 + L]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, keep)
+            x = checkpoint(block, x, keep, use_reentrant=False) if recompute else block(x, keep)  # [B, 1 + L, d]
         x = self.norm(x)
         return x[:, 0], x[:, 1:]
 

@@ -137,3 +137,16 @@ def test_aggregation_backends_agree_on_the_encoders(name, overrides, mp20_record
     torch.testing.assert_close(results["cpu_fused"][0], results["native"][0], atol=1e-10, rtol=1e-10)
     for g_fused, g_native in zip(results["cpu_fused"][1], results["native"][1]):
         torch.testing.assert_close(g_fused, g_native, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_activation_checkpointing_gives_the_same_gradients(name, mp20_records):
+    torch.manual_seed(0)
+    plain = build_encoder({"name": name, **SMALL[name]}).double()
+    recomputing = build_encoder({"name": name, **SMALL[name], "activation_checkpointing": True}).double()
+    recomputing.load_state_dict(plain.state_dict())
+    batch = collate(mp20_records[:4], _views(plain), dtype=torch.float64)
+    for encoder in (plain, recomputing):
+        encoder.embed(batch).square().sum().backward()
+    for (key, a), b in zip(plain.named_parameters(), recomputing.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-12, rtol=1e-10, msg=key)
