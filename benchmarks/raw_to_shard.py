@@ -68,6 +68,13 @@ def main() -> None:
             pickle.dumps(Structure.from_str(cif, fmt="cif"))
 
         baseline = best_rate(lambda: [pickle.dumps(Structure.from_str(c, fmt="cif")) for c in cifs], n, args.repeat)
+        from data_pipeline.shard_format import encode_record
+        from data_pipeline.validate import validate
+
+        parse_only = best_rate(lambda: [reader.parse(e) for e in entries], n, args.repeat)
+        parse_validate = best_rate(lambda: [validate(reader.parse(e)) for e in entries], n, args.repeat)
+        parse_validate_encode = best_rate(
+            lambda: [(validate(r), encode_record(r)) for r in map(reader.parse, entries)], n, args.repeat)
         task = best_rate(lambda: build_module.parse_chunk(source, entries, str(tmp / "chunk"), "x"), n, args.repeat)
 
         def whole_build():
@@ -86,6 +93,9 @@ def main() -> None:
     print(f"structures: {n} real MP-20 CIFs (val.csv.gz), best of {args.repeat}")
     print(f"{'contender':<58} {'structures/s':>13} {'vs baseline':>12}")
     print(f"{'baseline: pymatgen Structure.from_str + pickle.dumps':<58} {baseline:>13.0f} {1.0:>11.2f}x")
+    print(f"{'  reader.parse only (gemmi P1 fast path)':<58} {parse_only:>13.0f} {parse_only / baseline:>11.2f}x")
+    print(f"{'  parse + validate':<58} {parse_validate:>13.0f} {parse_validate / baseline:>11.2f}x")
+    print(f"{'  parse + validate + encode (json + safetensors)':<58} {parse_validate_encode:>13.0f} {parse_validate_encode / baseline:>11.2f}x")
     print(f"{'build task: parse + validate + encode + dedup keys + write':<58} {task:>13.0f} {task / baseline:>11.2f}x")
     print(f"{'whole build inline: ... + dedup + split + shards + manifest':<58} {whole:>13.0f} {whole / baseline:>11.2f}x")
 
