@@ -110,7 +110,10 @@ def _sample_sources() -> list[dict]:
             f"the embedded demo sample is not available in this install ({exc}); "
             "give a config file or --source KIND:PATH instead"
         ) from None
-    return list(sample_sources())
+    try:
+        return list(sample_sources())
+    except FileNotFoundError as exc:
+        raise BuildError(f"the embedded demo sample is incomplete: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,13 +202,13 @@ def test_build_killed_mid_way_resumes_to_identical_shards(ray_session, shared_da
         while len(list(chunks.glob("*.json"))) < 4:
             assert proc.poll() is None, "the build ended before it could be killed"
             assert time.monotonic() < deadline, "no chunk finished within 300 s"
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the build and the Ray processes it started
         proc.wait()
     assert not (out / "manifest.json").exists()
     done_before = len(list(chunks.glob("*.json")))
-    assert 4 <= done_before < 47  # 749 frames / 16 per chunk
+    assert 4 <= done_before <= 47  # 749 frames / 16 per chunk; killed while parsing or writing
 
     logs: list[str] = []
     resumed = build(BuildConfig.from_yaml(config_file), progress=False, log=logs.append)
