@@ -130,6 +130,27 @@ def summarize(verdicts: Sequence[CrystalVerdict]) -> dict[str, dict[str, float]]
     }
 
 
+def write_table(rows: Sequence[dict], path) -> None:
+    """Rows of dicts → CSV (columns from the first row); an empty table still gets a file."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def markdown_summary(summary: dict[str, dict[str, float]]) -> str:
+    lines = ["| metric | mean | std | runs |", "| --- | --- | --- | --- |"]
+    for metric, s in summary.items():
+        lines.append(f"| {metric} | {s['mean']:.3f} | {s['std']:.3f} | {s['runs']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_stability_vs_novelty(verdicts: Sequence[CrystalVerdict], path) -> None:
     """Scatter of energy above hull against novelty (jittered), coloured by validity."""
     import matplotlib
