@@ -69,6 +69,16 @@ class _Chunk:
             return block.unsqueeze(1).expand(self.rows, self.degree, *block.shape[1:]).reshape(-1, *block.shape[1:])
         return block.index_select(0, self.local)
 
+    def mul_by_receiver(self, edge_values: torch.Tensor, per_receiver: torch.Tensor, out=None) -> torch.Tensor:
+        """edge_values [Ec, ...] ⊙ per_receiver[receiver of each edge]; with a uniform degree this
+        broadcasts [Rc, 1, ...] against [Rc, k, ...] instead of materialising the repeat."""
+        block = per_receiver[self.r0 : self.r1]
+        if self.degree is None:
+            return torch.mul(edge_values, block.index_select(0, self.local), out=out)
+        shape = (self.rows, self.degree, *edge_values.shape[1:])
+        result = torch.mul(edge_values.view(shape), block.unsqueeze(1), out=None if out is None else out.view(shape))
+        return result.view(edge_values.shape)
+
 
 def _chunks(graph: CSRGraph, d: int):
     return [_Chunk(graph, *c) for c in graph.receiver_chunks(_chunk_edges(d))]
@@ -104,11 +114,10 @@ class _GatherMultiplyReduce(torch.autograd.Function):
         gx = torch.zeros_like(x) if need_x else None
         gw = torch.empty_like(w) if need_w else None
         for c in chunks:
-            g_e = c.expand(grad)  # [Ec, d] g of each edge's receiver
-            if need_w:
-                torch.mul(g_e, x.index_select(0, c.senders), out=gw[c.e0 : c.e1])
-            if need_x:
-                gx.index_add_(0, c.senders, g_e * w[c.e0 : c.e1])
+            if need_w:  # gw_e = g[receiver] ⊙ x[sender]
+                c.mul_by_receiver(x.index_select(0, c.senders), grad, out=gw[c.e0 : c.e1])
+            if need_x:  # gx_j += g[receiver] ⊙ w_e
+                gx.index_add_(0, c.senders, c.mul_by_receiver(w[c.e0 : c.e1], grad))
         return gx, gw, None, None
 
 
@@ -185,9 +194,10 @@ class _GatedAggregate(torch.autograd.Function):
         scale = 1.0 / math.sqrt(d)
         chunks = _chunks(graph, d)
         out = q.new_zeros(n, d)  # [N, d]
+        q_scaled = q * scale  # [N, d]
         for c in chunks:
-            gate = c.expand(q) * k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
-            gate.mul_(scale).sigmoid_()
+            k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
+            gate = c.mul_by_receiver(k_ij, q_scaled, out=k_ij).sigmoid_()
             messages = gate.mul_(v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1]))
             out[c.r0 : c.r1] = c.segment_sum(messages)
         ctx.save_for_backward(q, k, v, k_edge, v_edge)
@@ -201,15 +211,16 @@ class _GatedAggregate(torch.autograd.Function):
         scale = 1.0 / math.sqrt(q.shape[-1])
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, d]
+        q_scaled = q * scale  # [N, d]
         for c in ctx.chunks:
             k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
             v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
-            q_e, g_e = c.expand(q) * scale, c.expand(grad)
-            gate = (q_e * k_ij).sigmoid_()
-            torch.mul(g_e, gate, out=dve[c.e0 : c.e1])  # dv_ij
-            dz = gate.mul_(1.0 - gate).mul_(g_e).mul_(v_ij)  # [Ec, d] ∂L/∂z (reuses gate's memory)
+            gate = c.mul_by_receiver(k_ij, q_scaled).sigmoid_()
+            c.mul_by_receiver(gate, grad, out=dve[c.e0 : c.e1])  # dv_ij = g_i ⊙ σ
+            dz = gate.mul_(1.0 - gate).mul_(v_ij)  # [Ec, d] σ(1-σ) ⊙ v_ij (reuses gate's memory)
+            dz = c.mul_by_receiver(dz, grad, out=dz)  # ∂L/∂z
             dq[c.r0 : c.r1] = c.segment_sum(dz * k_ij) * scale
-            torch.mul(dz, q_e, out=dke[c.e0 : c.e1])  # dk_ij
+            c.mul_by_receiver(dz, q_scaled, out=dke[c.e0 : c.e1])  # dk_ij
             dk.index_add_(0, c.senders, dke[c.e0 : c.e1])
             dv.index_add_(0, c.senders, dve[c.e0 : c.e1])
         return dq, dk, dv, dke, dve, None
