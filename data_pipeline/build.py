@@ -703,6 +703,10 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
 
     config = state.config
     out = state.out
+    planned = {info["file"] for info in shard_infos}
+    for stray in out.glob("*.tar"):  # shards of an earlier, different plan (a --force rebuild)
+        if stray.name not in planned:
+            stray.unlink()
     _write_jsonl(out / REJECTS_NAME, state.rejects)
     _write_jsonl(
         out / DUPLICATES_NAME,

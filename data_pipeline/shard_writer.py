@@ -32,6 +32,26 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _template() -> bytearray:
+    header = bytearray(_tarinfo("x", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[0:100] = bytes(100)
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    return header
+
+
+_USTAR_TEMPLATE = _template()
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The header `tarfile` writes for our fixed metadata (checked in the tests), patched directly:
+    name (≤ 100 bytes) and size fields, then the checksum."""
+    header = bytearray(_USTAR_TEMPLATE)
+    header[0:len(name)] = name
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 def member_bytes(name: str, size: int) -> int:
     """Bytes one member takes in a tar (header + padded data; long names add a PAX header)."""
     data = -(-size // _BLOCK) * _BLOCK
@@ -71,8 +91,11 @@ class DeterministicTarWriter:
             data = sample[ext]
             data = data.encode() if isinstance(data, str) else bytes(data)
             member = f"{name}.{ext}"
-            fmt = tarfile.USTAR_FORMAT if len(member.encode()) <= 100 else tarfile.PAX_FORMAT
-            self._put(_tarinfo(member, len(data)).tobuf(fmt, "utf-8", "surrogateescape"))
+            encoded = member.encode()
+            if len(encoded) <= 100:
+                self._put(ustar_header(encoded, len(data)))
+            else:  # a PAX record carries the long name
+                self._put(_tarinfo(member, len(data)).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
             self.offsets[member] = (self._pos, len(data))
             self._put(data)
             if len(data) % _BLOCK:

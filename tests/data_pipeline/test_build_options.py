@@ -151,3 +151,34 @@ def test_config_is_typed_and_strict(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(base.to_yaml())
     assert BuildConfig.from_yaml(again) == base
+
+
+def test_tar_writer_is_deterministic_and_matches_tarfile(tmp_path):
+    import io
+    import tarfile
+
+    from data_pipeline.shard_writer import DeterministicTarWriter, _tarinfo, ustar_header
+
+    for name, size in [("a.json", 0), ("mp20:mp-1234.safetensors", 12345), ("x" * 100, 8**11 - 1)]:
+        assert ustar_header(name.encode(), size) == _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    samples = [{"__key__": "k" * 120, "json": b'{"a":1}', "safetensors": b"x" * 700},
+               {"__key__": "mp20:mp-1", "json": b'{"b":2}', "safetensors": b"y" * 3}]
+    # The same samples written by the standard library's tarfile with the same metadata.
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for sample in samples:
+            for ext in ("json", "safetensors"):
+                tar.addfile(_tarinfo(f"{sample['__key__']}.{ext}", len(sample[ext])), io.BytesIO(sample[ext]))
+    writer = DeterministicTarWriter(tmp_path / "s.tar")
+    for sample in samples:
+        writer.write(sample)
+    sha, size = writer.close()
+    assert (tmp_path / "s.tar").read_bytes() == reference.getvalue() and size == len(reference.getvalue())
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members][1] == "k" * 120 + ".safetensors"
+        assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
+        for m in members:
+            offset, length = writer.offsets[m.name]
+            assert (m.offset_data, m.size) == (offset, length)
+    assert not list(tmp_path.glob("*.tmp*"))
