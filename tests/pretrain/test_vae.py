@@ -37,8 +37,16 @@ def _fixed_mask(batch):
 
 def test_masking_hides_the_species_in_every_view(mp20_records):
     records = mp20_records[:4]
-    views = BatchViews(tokens=True, pdd_k=8)
-    batch = collate(records, views)
+    views = BatchViews(tokens=True)
+
+    def with_pdd(batch):  # the loader's PDD layout: column 0 is Z_i / ΣZ of the cell, then distances
+        z = batch.atomic_numbers.float()
+        total = torch.zeros(batch.num_crystals).index_add(0, batch.batch_index, z)
+        distances = torch.sort(torch.rand(batch.num_nodes, 8, generator=torch.Generator().manual_seed(0)), -1).values
+        batch.pdd = torch.cat([(z / total[batch.batch_index]).unsqueeze(-1), distances], -1)
+        return batch
+
+    batch = with_pdd(collate(records, views))
     mask = _fixed_mask(batch)
     hidden = mask_atom_types(batch, mask)
     assert (hidden.atomic_numbers[mask] == 0).all() and torch.equal(hidden.atomic_numbers[~mask], batch.atomic_numbers[~mask])
@@ -50,7 +58,7 @@ def test_masking_hides_the_species_in_every_view(mp20_records):
     for record, start in zip(swapped, np.cumsum([0] + [r.num_atoms for r in swapped])[:-1]):
         local = mask.numpy()[start : start + record.num_atoms]
         record.atomic_numbers[local] = 1  # hydrogen everywhere it is masked
-    other = mask_atom_types(collate(swapped, views), mask)
+    other = mask_atom_types(with_pdd(collate(swapped, views)), mask)
     flat = np.concatenate([r.atomic_numbers for r in swapped])
     assert not np.array_equal(flat, np.concatenate([r.atomic_numbers for r in records]))
     assert torch.equal(other.pdd, hidden.pdd) and torch.equal(other.tokens, hidden.tokens)
