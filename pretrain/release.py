@@ -146,7 +146,8 @@ def licence_of(source: str) -> str:
 def consolidate_fp32(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a DeepSpeed checkpoint step folder (ZeRO stage 0 to 3)."""
     step_dir = Path(step_dir)
-    model_files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+    # ZeRO 0-2 write mp_rank_00_model_states.pt; ZeRO-3 writes zero_pp_rank_R_mp_rank_00_model_states.pt.
+    model_files = sorted(step_dir.glob("mp_rank_*_model_states.pt")) or sorted(step_dir.glob("*mp_rank_*_model_states.pt"))
     if not model_files:
         raise FileNotFoundError(f"{step_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
     # DeepSpeed's own internal files (pickled); module holds every key incl. buffers and frozen params.
@@ -190,7 +191,9 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
               "## Data", "", f"- shard set manifest sha256: `{meta.get('manifest_sha256')}`"]
     if sources:
         lines += ["", "| source | crystals | licence |", "| --- | --- | --- |"]
-        lines += [f"| {name} | {count} | {licence_of(name)} |" for name, count in sorted(sources.items())]
+        for name, tally in sorted(sources.items()):
+            count = tally.get("written", tally.get("records_in", "?")) if isinstance(tally, dict) else tally
+            lines.append(f"| {name} | {count} | {licence_of(name)} |")
         if any(name.lower().startswith("gnome") for name in sources):
             lines += ["", "**This model was trained on GNoME data (CC BY-NC 4.0): it may be used for "
                       "non-commercial purposes only, with attribution.**"]

@@ -329,6 +329,12 @@ class Trainer:
     def optimizer_step(self) -> None:
         """The accumulation-boundary `engine.step()`, then the objective's after-step hook."""
         t0 = time.perf_counter()
+        self._grad_norm = None
+        if self.config.train.zero_stage == 0 and self.dtype == torch.float32:
+            # DeepSpeed reports no norm for a plain fp32 optimiser; gradients are already all-reduced here.
+            grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+                if grads else None
         self.engine.step()
         self._after_step_hook()
         self.step += 1
@@ -362,6 +368,8 @@ class Trainer:
         step_s = max(g["data_s"] + g["compute_s"] for g in gathered)
         data_s = max(g["data_s"] for g in gathered)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = getattr(self, "_grad_norm", None)
         out = {
             "loss": sum(g["loss"] for g in gathered),  # local shares of the global mean add up
             "lr": float(self.lr_scheduler.get_last_lr()[0]),

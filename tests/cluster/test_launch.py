@@ -181,8 +181,6 @@ def test_ray_head_plus_worker_by_address_builds_identical_shards(built):
     """Two Ray nodes on this machine (a head and a worker joined by address), build as a driver."""
     import socket
 
-    from data_pipeline.manifest import manifest_digest
-
     tmp = built["tmp"]
     ray = str(Path(sys.executable).parent / "ray")
     with socket.socket() as sock:
@@ -223,7 +221,10 @@ def test_ray_head_plus_worker_by_address_builds_identical_shards(built):
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
     assert _shards(tmp / "two_nodes") == _shards(tmp / "local")
-    assert manifest_digest(tmp / "two_nodes") == manifest_digest(tmp / "local")
+    # Same manifest except code_version (the git state of a checkout others commit to meanwhile).
+    two, local = (json.loads((tmp / d / "manifest.json").read_text()) for d in ("two_nodes", "local"))
+    two.pop("code_version"), local.pop("code_version")
+    assert two == local
 
 
 TRAIN = """\

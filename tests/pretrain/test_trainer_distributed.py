@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 WORKER = HERE / "trainer_worker.py"
 
-pytestmark = pytest.mark.slow
+# Six DeepSpeed launches: allow for a busy machine beyond CI's per-test default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 JOB = """\
 run: {{name: {name}, root: {root}, seed: 3}}
