@@ -82,7 +82,8 @@ class TokenEmbedding(nn.Module):
         self.register_buffer("frequencies", 2 * math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float32))
         coord_dim = 6 * num_frequencies if coord_features == "fourier" else 3
         self.coords = nn.Linear(coord_dim, width)
-        self.species = nn.Linear(_MAX_Z, width, bias=False)  # one-hot @ W: an embedding table that also takes soft/masked one-hots
+        # one-hot @ W: an embedding table that also takes soft or masked (all-zero) one-hots
+        self.species = nn.Linear(_MAX_Z, width, bias=False)
         self.lattice = nn.Linear(6, width, bias=False)
 
     def coordinate_features(self, frac: torch.Tensor) -> torch.Tensor:

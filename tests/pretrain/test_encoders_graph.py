@@ -226,10 +226,13 @@ def test_gradients_reach_lattice_and_coordinates(key, records):
     assert (lattice.grad.flatten(1).abs().sum(1) > 0).all(), "every crystal's lattice gets a gradient"
 
     gen = torch.Generator().manual_seed(0)
-    d_lat, d_frac = torch.randn(lattice0.shape, generator=gen, dtype=torch.float64), torch.randn(frac0.shape, generator=gen, dtype=torch.float64)
+    d_lat = torch.randn(lattice0.shape, generator=gen, dtype=torch.float64)
+    d_frac = torch.randn(frac0.shape, generator=gen, dtype=torch.float64)
     eps = 1e-5
     with torch.no_grad():
-        numeric = (energy(lattice0 + eps * d_lat, frac0 + eps * d_frac) - energy(lattice0 - eps * d_lat, frac0 - eps * d_frac)) / (2 * eps)
+        plus = energy(lattice0 + eps * d_lat, frac0 + eps * d_frac)
+        minus = energy(lattice0 - eps * d_lat, frac0 - eps * d_frac)
+    numeric = (plus - minus) / (2 * eps)
     analytic = (lattice.grad * d_lat).sum() + (frac.grad * d_frac).sum()
     torch.testing.assert_close(numeric, analytic, rtol=1e-5, atol=1e-8)
 
