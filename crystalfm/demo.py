@@ -38,8 +38,12 @@ def build_shards(work: Path) -> Path:
         from data_pipeline.sample import sample_sources
     except ImportError as exc:
         raise StageUnavailable(f"data build of the embedded sample is not available yet ({exc})") from None
+    try:
+        sources = sample_sources()
+    except FileNotFoundError as exc:
+        raise StageUnavailable(str(exc)) from None
     out = work / "shards"
-    config = BuildConfig(sources=tuple(SourceSpec.from_dict(s, "sample source") for s in sample_sources()),
+    config = BuildConfig(sources=tuple(SourceSpec.from_dict(s, "sample source") for s in sources),
                          out=str(out), splits={"train": 0.9, "val": 0.1}, num_workers=2)
     build(config, progress=sys.stderr.isatty(), log=_say)
     return out

@@ -122,24 +122,37 @@ METHODS = {
              "EMA target encoder gives to masked atoms; its encoder gives per-atom and per-crystal embeddings"),
 }
 
-# Licence of each data source a shard set may contain (prefix of the source name → licence).
+# Licence of each data source a shard set may contain: matched against the tokens of the source
+# name (`demo_gnome` → gnome), then against the reader kind recorded in the manifest.
 LICENCES = {
     "gnome": "CC BY-NC 4.0 (non-commercial use only)",
     "mptrj": "CC BY 4.0 (Materials Project)",
     "mp": "CC BY 4.0 (Materials Project)",
+    "mp20": "CC BY 4.0 (Materials Project)",
+    "mp_docs": "CC BY 4.0 (Materials Project)",
     "mpts": "CC BY 4.0 (Materials Project)",
+    "mpts52": "CC BY 4.0 (Materials Project)",
     "alex": "CC BY 4.0 (Alexandria)",
+    "alexandria": "CC BY 4.0 (Alexandria)",
     "jarvis": "NIST public data (see JARVIS terms)",
     "perov": "MIT (CDVAE benchmark copy)",
     "carbon": "MIT (CDVAE benchmark copy)",
-    "cif": "as licensed by the provider of the CIF files",
+    "cdvae_csv": "that of the benchmark it copies (MP-20, MPTS-52: CC BY 4.0; perov-5, carbon-24: MIT)",
+    "structure_files": "as licensed by the provider of the structure files",
 }
 
 
-def licence_of(source: str) -> str:
-    for prefix, licence in sorted(LICENCES.items(), key=lambda kv: -len(kv[0])):
-        if source.lower().startswith(prefix):
-            return licence
+def licence_of(source: str, kind: str | None = None) -> str:
+    import re
+
+    tokens = [t for t in re.split(r"[^a-z0-9]+", source.lower()) if t]
+    for token in tokens + [source.lower(), (kind or "").lower()]:
+        if token in LICENCES:
+            return LICENCES[token]
+    for token in tokens:
+        for prefix in sorted(LICENCES, key=len, reverse=True):
+            if token.startswith(prefix):
+                return LICENCES[prefix]
     return "unknown: check the licence of this source before sharing the model"
 
 
@@ -191,10 +204,12 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
               "## Data", "", f"- shard set manifest sha256: `{meta.get('manifest_sha256')}`"]
     if sources:
         lines += ["", "| source | crystals | licence |", "| --- | --- | --- |"]
+        licences = {}
         for name, tally in sorted(sources.items()):
             count = tally.get("written", tally.get("records_in", "?")) if isinstance(tally, dict) else tally
-            lines.append(f"| {name} | {count} | {licence_of(name)} |")
-        if any(name.lower().startswith("gnome") for name in sources):
+            licences[name] = licence_of(name, tally.get("kind") if isinstance(tally, dict) else None)
+            lines.append(f"| {name} | {count} | {licences[name]} |")
+        if any("BY-NC" in licence for licence in licences.values()):
             lines += ["", "**This model was trained on GNoME data (CC BY-NC 4.0): it may be used for "
                       "non-commercial purposes only, with attribution.**"]
     else:
