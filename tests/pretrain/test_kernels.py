@@ -248,6 +248,11 @@ def test_auto_backend_choice_and_override():
     finally:
         kernels.set_backend("auto")
     assert set(kernels.available_backends("cpu")) >= {"native", "cpu_fused"}
+    from pretrain.kernels import dispatch
+
+    tiny, big = dispatch.CPU_FUSED_MIN_ELEMENTS - 1, dispatch.CPU_FUSED_MIN_ELEMENTS
+    assert dispatch._impl(None, torch.device("cpu"), tiny).__name__.endswith(".native")
+    assert dispatch._impl(None, torch.device("cpu"), big).__name__.endswith(".cpu_fused")
 
 
 def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
