@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 import re
 import warnings
 from pathlib import Path
@@ -246,10 +245,6 @@ def open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
     return open(path, encoding=encoding, newline="")
 
 
-def open_binary(path: Path):
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-
-
 def source_name_from_path(path: Path, fallback: str) -> str:
     """'mp_20/train.csv.gz' → 'mp20' (a file named after its split takes its folder's name);
     a folder gives its own name; lower-case letters and digits only."""
@@ -263,7 +258,3 @@ def source_name_from_path(path: Path, fallback: str) -> str:
             stem = path.resolve().parent.name
     name = re.sub(r"[^a-z0-9]+", "", stem.lower())
     return name or fallback
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
