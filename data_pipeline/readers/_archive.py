@@ -79,6 +79,8 @@ def _tar(path: Path, accept) -> Iterator[tuple[str, bytes | Exception]]:
                 continue
             try:
                 handle = archive.extractfile(info)
-                yield info.name.removeprefix("./"), handle.read() if handle else OSError("unreadable member")
-            except (tarfile.TarError, OSError, EOFError) as error:
-                yield info.name, error
+                data = handle.read() if handle else OSError("unreadable member")
+            except (tarfile.TarError, OSError, EOFError) as error:  # a stream cannot skip a bad member
+                yield TRUNCATED, OSError(f"{info.name}: {error}")
+                return
+            yield info.name.removeprefix("./"), data

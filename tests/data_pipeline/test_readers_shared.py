@@ -356,3 +356,17 @@ def test_scan_is_deterministic_with_unique_keys_and_plain_payloads(shared_data, 
     sample = entries[:: max(1, len(entries) // 20)]
     assert pickle.loads(pickle.dumps(sample)) == sample
     assert all(type(e.payload) in (dict, str, bytes) for e in sample)
+
+
+def test_structure_files_truncated_tar_keeps_complete_members(shared_data, tmp_path):
+    folder = shared_data / "gnome" / "by_id"
+    names = sorted(p.name for p in folder.iterdir())[:10]
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        for name in names:
+            tar.add(folder / name, arcname=name)
+    data = whole.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    records, codes, order = run(open_reader("structure_files", tmp_path / "cut.tar", source="g"))
+    assert codes == {"truncated_file": 1} and order[-1] == "g:cut.tar"
+    assert 0 < len(records) < 10 and list(records) == [f"g:{n[:-4]}" for n in names[: len(records)]]
