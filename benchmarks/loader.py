@@ -6,7 +6,7 @@ Baselines measured in the same run on the same shards:
 Ours (ShardLoader, num_workers=0):
   decode         index + plan + read by byte range + decode_sample (no collate)
   batches        the same + collate into CrystalBatch (no views)
-  graph view     + knn neighbour lists (k=12 within 6 Å, growing) — vesin
+  graph view     + knn neighbour lists (k=12 from 6 Å), default neighbour backend
   token view     + padded 109-d tokens
 
     python benchmarks/loader.py [--crystals 3000] [--repeat 3]
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
             ("ShardLoader read + decode_fast (default)", lambda: loader_decode(plain, fast=True)),
             ("ShardLoader batches, no views (decode + collate)", lambda: loader_batches(plain)),
             ("ShardLoader batches + token view", lambda: loader_batches(tokens)),
-            ("ShardLoader batches + graph view (knn k=12 from 6 Å, vesin)", lambda: loader_batches(graph)),
+            ("ShardLoader batches + graph view (knn k=12 from 6 Å, pymatgen search)", lambda: loader_batches(graph)),
         ]
         results = {}
         for name, fn in rows:
