@@ -167,6 +167,9 @@ def _refine(args) -> int:
 
     from discovery.refine import RefineConfig, refine
 
+    if args.config and "=" in args.config:  # no YAML given: the first word is already an override
+        args.overrides.insert(0, args.config)
+        args.config = None
     overrides = {}
     for item in args.overrides:
         key, _, value = item.partition("=")

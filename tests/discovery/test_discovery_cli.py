@@ -88,3 +88,22 @@ def test_evaluate_and_screen(workspace, shared_data, capsys):
         assert len(rows) == 6
         ranks = sorted(int(r["rank"]) for r in rows if r["rank"] not in ("", "None"))
         assert ranks == list(range(1, len(ranks) + 1))
+
+
+def test_one_refinement_round_runs_end_to_end(workspace, shared_data, capsys):
+    """generate → relax → V.U.N. → D_C rank → fine-tune the generator with the DeepSpeed trainer →
+    release → generate again; V.S.U.N. before and after are reported whatever they are."""
+    refs = shared_data / "mp_entries" / "mbd_2023-02-07-mp-elemental-reference-entries.json.gz"
+    out = workspace / "refine"
+    code = main(["refine", "generator=" + str(workspace / "ddpm"), "jepa=" + str(workspace / "jepa"),
+                 "reference=" + str(workspace / "reference.csv"), "elemental_refs=" + str(refs), "out=" + str(out),
+                 "n=8", "keep=0.5", "sample_steps=8", "finetune_steps=2", "relax={steps: 3}"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert "V.S.U.N. before" in capsys.readouterr().out
+    if summary["rounds"][0]["kept"]:
+        from pretrain.release import load_pretrained
+
+        refined = load_pretrained(summary["refined_generator"])
+        assert refined.config.init_from is None or refined.config.init_from  # loads without error
