@@ -1,6 +1,8 @@
 """CrysLDNet stage 1 (VAE) on real MP-20 crystals: masking, overfitting, invariance, normalisation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,16 @@ def test_paper_mode_orientation_floor_closed_form_matches_monte_carlo(mp20_recor
         closed = orientation_closed_form(record.lattice, record.frac_coords)
         sampled = orientation_monte_carlo(record.lattice, record.frac_coords, rots)
         np.testing.assert_allclose(sampled, closed, rtol=0.05)
+
+
+def test_orbit_floor_of_symmetric_atoms():
+    """The invariant-mode floor of distance-only encoders written in pretrain/README.md."""
+    from data_pipeline.record import CrystalRecord
+    from pretrain.objectives.irreducible import orbit_floor
+
+    cubic = np.eye(3) * 3.0
+    salt = CrystalRecord("t:nacl", "t", [11, 17], [[0, 0, 0], [0.5, 0.5, 0.5]], cubic)
+    assert orbit_floor(salt) == 0.0  # two orbits of one atom: nothing to confuse
+    bcc = CrystalRecord("t:bcc", "t", [26, 26], [[0, 0, 0], [0.5, 0.5, 0.5]], cubic)
+    # one orbit of two atoms: the shared prediction sits on one, the other is √3·1.5 Å away
+    assert abs(orbit_floor(bcc) - math.sqrt(3) * 1.5 / 2) < 1e-9
