@@ -11,11 +11,12 @@ from pretrain.config import ConfigError, JobConfig, apply_override, load_config
 def test_yaml_and_overrides_are_typed(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("run: {name: a}\ntrain: {max_steps: 10, zero_stage: 2}\noptim: {lr: 1}\nobjective: {name: jepa, depth: 2}\n")
-    config = load_config(path, ["train.zero_stage=3", "optim.betas=[0.8, 0.9]", "objective.encoder.name=pddformer",
+    config = load_config(path, ["train.zero_stage=3", "optim.eps=1e-6", "optim.betas=[0.8, 0.9]", "objective.encoder.name=pddformer",
                                 "checkpoint.resume=none", "data.max_crystals=null"])
     assert config.train.zero_stage == 3 and config.train.max_steps == 10
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)  # ints widen to floats
     assert config.optim.betas == [0.8, 0.9]
+    assert config.optim.eps == 1e-6  # YAML 1.1 would read `1e-6` as a string
     assert config.objective == {"name": "jepa", "depth": 2, "encoder": {"name": "pddformer"}}
     assert config.data.max_crystals is None
     assert str(config.run_dir).endswith("runs/a") and str(config.checkpoint_dir).endswith("runs/a/checkpoints")
