@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.encoders.base import build_encoder
+from pretrain.encoders.base import Encoder, build_encoder
 from pretrain.objectives.augment import CONTEXT_LATTICE, random_context
 from pretrain.objectives.base import LossNorm, Objective
 from pretrain.objectives.collapse import collapse_metrics
@@ -114,6 +114,11 @@ class JEPAObjective(Objective):
         super().__init__()
         self.config = config
         self.encoder = build_encoder(config.encoder)
+        if config.embedding == "cls" and type(self.encoder).embed is Encoder.embed:
+            raise ValueError(
+                f"jepa.embedding 'cls' needs an encoder with a [CLS] token (jepa_transformer); "
+                f"{config.encoder['name']} offers 'mean' or 'sum': set jepa.embedding: mean"
+            )
         d = self.encoder.out_dim
         hidden = config.predictor_hidden or d
         self.move_embedding = _mlp(6, hidden, d)  # the reference's cond_emb of (t ‖ u)

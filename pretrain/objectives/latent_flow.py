@@ -14,7 +14,8 @@ towards a constant (latent collapse). `guard` picks what stops it:
     ema       the target is the latent of an exponential-moving-average copy of the encoder
     vae       keep the stage-1 VAE loss with weight `vae_weight`: the latents must still
               reconstruct the crystal. Weak with latent='encoder': the VAE's moments layer can
-              undo any shrinking of Z1, so the reconstruction does not hold Z1's scale up
+              undo any shrinking of Z1, so the reconstruction does not hold Z1's scale up; costs a
+              second encoder pass (the VAE sees the species-masked batch)
     none      no guard — the reference code's setting (flow loss only)
 Measured on 8 MP-20 crystals, 80 steps (tests/pretrain/test_latent_flow.py, pretrain/README.md):
 latent variance none 0.013, vae 0.015, ema 0.25, stopgrad 0.34 (0.12 at the start).

@@ -158,3 +158,20 @@ def test_ema_target_follows_the_encoder(mp20_records):
     jepa.after_step()
     for old, new, online in zip(before, jepa.target.parameters(), jepa.encoder.parameters()):
         torch.testing.assert_close(new, 0.5 * old + 0.5 * online)
+
+
+def test_graph_encoder_sees_the_context_as_the_same_crystal(mp20_records):
+    """An invariant graph encoder (Matformer) embeds the moved crystal exactly as the original:
+    the augmentation keeps the graph view consistent through translation, rotation and shuffling."""
+    graph = {"name": "matformer", "width": 16, "num_layers": 1, "heads": 2, "rbf_bins": 16}
+    with pytest.raises(ValueError, match="embedding: mean"):
+        build_objective({"name": "jepa", "encoder": graph})
+    torch.manual_seed(0)
+    jepa = build_objective({"name": "jepa", "encoder": graph, "embedding": "mean"}).double()
+    batch = collate(mp20_records[:6], BatchViews.from_dict(jepa.batch_views()), dtype=torch.float64)
+    view, _ = jepa.draw_context(batch)
+    assert not torch.allclose(view.lattice, batch.lattice)
+    torch.testing.assert_close(jepa.embed(view), jepa.embed(batch), rtol=1e-9, atol=1e-9)
+    loss, _ = jepa.loss(batch)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in jepa.encoder.parameters())
