@@ -182,3 +182,41 @@ def test_tar_writer_is_deterministic_and_matches_tarfile(tmp_path):
             offset, length = writer.offsets[m.name]
             assert (m.offset_data, m.size) == (offset, length)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_crash_in_write_stage_resumes_without_redoing_work(tmp_path, monkeypatch):
+    """A build that dies inside the write stage resumes: parsed chunks, structural-match results and finished
+    shards are reused (not rewritten), and the result equals an uninterrupted build."""
+    import data_pipeline.build as build_module
+
+    path = write_jsonl(tmp_path / "c.jsonl", crafted_rows() * 1)
+    data = {"sources": [{"kind": KIND, "path": str(path), "name": "c", "dedup": "structural"}],
+            "splits": {"train": 1.0}, "shard_bytes": 8192, "chunk_size": 3, "executor": "inline"}
+    reference = quiet(BuildConfig.from_dict({**data, "out": str(tmp_path / "ref")}))
+
+    real_write_shard = build_module.write_shard
+    calls = {"n": 0}
+
+    def dies_on_second_shard(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_write_shard(*args)
+
+    monkeypatch.setattr(build_module, "write_shard", dies_on_second_shard)
+    config = BuildConfig.from_dict({**data, "out": str(tmp_path / "out")})
+    with pytest.raises(KeyboardInterrupt):
+        quiet(config)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    first_shard = tmp_path / "out" / "train-000000.tar"
+    stamp = first_shard.stat().st_mtime_ns
+    monkeypatch.setattr(build_module, "write_shard", real_write_shard)
+
+    logs: list[str] = []
+    resumed = build(config, progress=False, log=logs.append)
+    assert "resumed: 4 chunk(s) were already parsed" in logs  # 10 rows / 3 per chunk
+    assert first_shard.stat().st_mtime_ns == stamp  # the finished shard was kept, not rewritten
+    ref_files = {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.tar")}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == ref_files and len(ref_files) >= 2
+    strip = lambda m: {k: v for k, v in m.items() if k != "code_version"}  # noqa: E731
+    assert strip(resumed.manifest) == strip(reference.manifest)
