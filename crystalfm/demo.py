@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="crystalfm-demo", help="working directory (default ./crystalfm-demo)")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per pretraining stage")
+    parser.add_argument("--shards", help="use this shard set instead of building the embedded sample")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(args.out).resolve()
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return None
 
     try:
-        shards = stage("data build (embedded sample, Ray)", build_shards, work)
+        shards = Path(args.shards).resolve() if args.shards else stage("data build (embedded sample, Ray)",
+                                                                       build_shards, work)
         if shards is not None:
             made.append(("shard set", shards))
             vae_ckpt = stage("pretrain VAE (CrysLDNet stage 1)", pretrain, work, shards, "vae",
@@ -152,8 +154,10 @@ def _report(work: Path, made, missing, start) -> None:
     if db.exists():
         print(f"\nOpen the runs in the MLflow UI:\n  mlflow ui --backend-store-uri sqlite:///{db} "
               f"--default-artifact-root {work / 'runs' / 'mlartifacts'}\n  then browse http://127.0.0.1:5000")
-    print("Load a released model:\n  from pretrain.release import load_pretrained\n"
-          f"  model = load_pretrained('{work / 'releases' / 'jepa'}')")
+    releases = [path for label, path in made if "release" in label]
+    if releases:
+        print("Load a released model:\n  from pretrain.release import load_pretrained\n"
+              f"  model = load_pretrained('{releases[-1]}')")
 
 
 if __name__ == "__main__":
