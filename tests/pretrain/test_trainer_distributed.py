@@ -126,8 +126,8 @@ def test_two_node_rendezvous_gradient_equals_single_process(runs):
     for stage in (0, 1, 2, 3):
         keys = json.loads((runs["grads"] / f"keys_stage{stage}.json").read_text())  # [rank][micro-batch][key]
         sizes = [[len(batch) for batch in rank] for rank in keys]
-        atoms = [sum(records[k].num_atoms for batch in rank for k in batch) for rank in keys]
-        assert sizes[0] != sizes[1] and atoms[0] != atoms[1], "ranks must see uneven batches for this test"
+        micro_atoms = [[sum(records[k].num_atoms for k in batch) for batch in rank] for rank in keys]
+        assert sizes[0] != sizes[1] and micro_atoms[0] != micro_atoms[1], "ranks must see uneven batches"
         big = collate([records[k] for rank in keys for batch in rank for k in batch])
         model = LinearEnergy(dim=8)
         model.load_state_dict(load_file(str(runs["grads"] / f"init_stage{stage}.safetensors")))
