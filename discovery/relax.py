@@ -103,7 +103,8 @@ def _relax_with_ray(records, config, num_workers, progress):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
+        # a fresh local Ray: never attach to a stale cluster file left by a killed run
+        ray.init(address="local", num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
     try:
         actor_cls = ray.remote(num_cpus=1)(_RelaxActor)
         actors = [actor_cls.remote(config) for _ in range(num_workers)]
