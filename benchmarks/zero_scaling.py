@@ -52,13 +52,15 @@ def _memory(trainer, stage: int) -> dict:
     if isinstance(partitioned, dict):
         grads += _tensor_bytes(list(partitioned.values()))
     inner = getattr(opt, "optimizer", opt)
-    state = _tensor_bytes([dict(s) for s in inner.state.values()])
-    # ZeRO 1-3 also keep fp32 master partitions separate from the module's parameters.
+    moments = _tensor_bytes([dict(s) for s in inner.state.values()])  # Adam exp_avg + exp_avg_sq (+ step)
+    # ZeRO 1-3 also keep fp32 master partitions separate from the module's parameters (in fp32
+    # training ZeRO-0 updates the module's parameters in place and keeps no copy).
+    masters = 0
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        masters = getattr(opt, name, None)
-        if masters is not None and stage > 0:
-            state += _tensor_bytes(list(masters))
-    return {"params": params, "grads": grads, "optimizer": state}
+        found = getattr(opt, name, None)
+        if found is not None and stage > 0:
+            masters += _tensor_bytes(list(found))
+    return {"params": params, "grads": grads, "moments": moments, "masters": masters, "optimizer": moments + masters}
 
 
 def worker(args) -> None:
@@ -108,7 +110,8 @@ def worker(args) -> None:
         stats = trainer.forward_backward()
         memory = _memory(trainer, stage)
         trainer.optimizer_step()
-        memory["optimizer"] = _memory(trainer, stage)["optimizer"]  # state exists after the first step anyway
+        after = _memory(trainer, stage)  # optimiser state as it stands after a step
+        memory.update(moments=after["moments"], masters=after["masters"], optimizer=after["optimizer"])
         dist.barrier()
         t0 = time.perf_counter()
         crystals = 0.0
@@ -175,8 +178,12 @@ def main() -> None:
               f"{ra['params'] / mib:.2f} → {rb['params'] / mib:.2f} | {ra['grads'] / mib:.2f} → {rb['grads'] / mib:.2f} | "
               f"{ra['optimizer'] / mib:.2f} → {rb['optimizer'] / mib:.2f} | "
               f"{max(r['rss_gb'] for r in b['ranks']):.2f} |")
+    base_moments = two[0]["ranks"][0]["moments"]
     print("\noptimizer memory per rank at 2 ranks, relative to ZeRO-0: " + ", ".join(
         f"ZeRO-{b['stage']} {b['ranks'][0]['optimizer'] / base_opt:.2f}x" for b in two))
+    print("  of which Adam moments: " + ", ".join(
+        f"ZeRO-{b['stage']} {b['ranks'][0]['moments'] / base_moments:.2f}x" for b in two)
+          + "; the rest is ZeRO's fp32 master partition (ZeRO-0 in fp32 keeps none)")
     print(f"(raw results: {out})")
 
 
