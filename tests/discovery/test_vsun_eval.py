@@ -72,3 +72,14 @@ def test_chgnet_relaxes_a_real_crystal_and_reports_a_failure():
     # Fermium is outside CHGNet's element table: the relaxation fails, and says why.
     bad = relaxer.relax(_rs("g:fm", 100, 17))
     assert bad.status == "failed" and bad.message
+
+
+@pytest.mark.slow
+def test_ray_relaxations_keep_input_order_and_record_failures():
+    from discovery.relax import relax_records
+
+    crystals = [_rs("g:a", scale=1.02), _rs("g:fm", 100, 17), _rs("g:b", 19, 17, 1.1)]
+    results = relax_records(crystals, RelaxConfig(steps=2), num_workers=2, progress=False)
+    assert [r.key for r in results] == ["g:a", "g:fm", "g:b"]
+    assert results[0].usable and results[2].usable
+    assert results[1].status == "failed"
