@@ -12,6 +12,18 @@ MODES = ("full", "frozen", "scratch")
 PROBES = ("mlp", "linear")
 
 
+def _coerce(config, kind, names) -> None:
+    """YAML 1.1 reads `1e-4` as a string: numbers given as strings are converted (None stays None)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            setattr(config, name, kind(float(value)) if kind is int and isinstance(value, str) else kind(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def _from_dict(cls, data: dict | None, where: str):
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
@@ -61,6 +73,8 @@ class FinetuneConfig:
     unit: str | None = None
 
     def __post_init__(self):
+        _coerce(self, float, ("fraction", "lr", "encoder_lr", "weight_decay", "warmup_epochs", "grad_clip", "dropout"))
+        _coerce(self, int, ("seed", "epochs", "batch_size", "patience", "max_train", "max_eval", "num_workers"))
         if self.encoder == "scratch":
             self.mode = "scratch"
         if self.mode not in MODES:
@@ -77,8 +91,6 @@ class FinetuneConfig:
                 "--encoder-config '{\"name\": \"pddformer\"}') or a release directory with --mode scratch"
             )
         self.head_hidden = [int(x) for x in self.head_hidden]
-        self.fraction = float(self.fraction)
-        self.seed = int(self.seed)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "FinetuneConfig":
@@ -113,6 +125,12 @@ class SweepConfig:
     gpus_per_run: float = 0.0  # e.g. 0.25 packs four runs on one GPU
     max_parallel: int | None = None  # default: as many as the resources allow
     compare_after: bool = True  # print and save the comparison table when the sweep ends
+
+    def __post_init__(self):
+        _coerce(self, float, ("cpus_per_run", "gpus_per_run"))
+        _coerce(self, int, ("max_parallel",))
+        self.fractions = [float(f) for f in self.fractions]
+        self.seeds = [int(x) for x in self.seeds]
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SweepConfig":

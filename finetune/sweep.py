@@ -104,7 +104,7 @@ def run_sweep(
         overrides["out"] = out
     if tracking_uri is not None:
         overrides["tracking_uri"] = tracking_uri
-    runs = expand(sweep, overrides)
+    runs = [_absolute_paths(r) for r in expand(sweep, overrides)]
     if shard is not None:
         runs = select_shard(runs, *shard)
     if not runs:
@@ -141,6 +141,20 @@ def run_sweep(
     return summaries
 
 
+def _absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
+    """Workers may start in another directory: pin every path to the driver's view of it."""
+    from pathlib import Path
+
+    changes = {"out": str(Path(config.out).expanduser().resolve())}
+    if config.data_root:
+        changes["data_root"] = str(Path(config.data_root).expanduser().resolve())
+    if config.task.startswith("csv:"):
+        changes["task"] = "csv:" + str(Path(config.task[4:]).expanduser().resolve())
+    if config.encoder != "scratch":
+        changes["encoder"] = str(Path(config.encoder).expanduser().resolve())
+    return config.replace(**changes)
+
+
 def _progress(items, enabled: bool, total: int):
     if not enabled:
         return items
@@ -152,14 +166,25 @@ def _progress(items, enabled: bool, total: int):
 def _run_ray(configs: list[dict], sweep: SweepConfig, progress: bool) -> list[RunSummary]:
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         # RAY_ADDRESS (set by cluster/launch.sh on a Ray cluster) joins that cluster; otherwise a
-        # local Ray starts in-process. Workers must import this checkout.
+        # fresh local Ray starts ("local": never attach to whatever cluster /tmp/ray happens to
+        # name). A loaded machine can take more than Ray's default ~20 s to bring up its GCS.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(
-            ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
-            runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}},
-        )
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        env = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in ("DS_ACCELERATOR", "CRYSTALFM_SHARED_DATA",
+                                                                          "MLFLOW_TRACKING_URI") if k in os.environ}}
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+    try:
+        return _dispatch(ray, configs, sweep, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _dispatch(ray, configs: list[dict], sweep: SweepConfig, progress: bool) -> list[RunSummary]:
     threads = max(1, int(sweep.cpus_per_run))
     gpus = sweep.gpus_per_run
     if gpus and not ray.cluster_resources().get("GPU"):
@@ -167,23 +192,28 @@ def _run_ray(configs: list[dict], sweep: SweepConfig, progress: bool) -> list[Ru
         gpus = 0
     cpus = min(sweep.cpus_per_run, ray.cluster_resources().get("CPU", 1))  # never unschedulable
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run_one)
-    pending, summaries = [], []
+    pending, summaries, config_of = [], [], {}
     limit = sweep.max_parallel or len(configs)
     queue = list(configs)
-    bar = _progress(None, False, 0)
+    bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(configs), desc="sweep", unit="run")
     while queue or pending:
         while queue and len(pending) < limit:
-            pending.append(remote.remote(queue.pop(0), threads))
+            config = queue.pop(0)
+            ref = remote.remote(config, threads)
+            config_of[ref] = config
+            pending.append(ref)
         done, pending = ray.wait(pending, num_returns=1)
         for ref in done:
             try:
                 summaries.append(ray.get(ref))
             except Exception as error:  # noqa: BLE001 - a crashed worker (e.g. out of memory)
-                summaries.append(RunSummary("?", "?", "?", float("nan"), -1, ok=False, error=str(error)))
+                c = config_of[ref]
+                summaries.append(RunSummary(c["task"], c["encoder"], c["mode"], c["fraction"], c["seed"], ok=False,
+                                            error=f"worker died: {error}"))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
