@@ -70,14 +70,17 @@ class _Chunk:
         return block.index_select(0, self.local)
 
     def mul_by_receiver(self, edge_values: torch.Tensor, per_receiver: torch.Tensor, out=None) -> torch.Tensor:
-        """edge_values [Ec, ...] ⊙ per_receiver[receiver of each edge]; with a uniform degree this
-        broadcasts [Rc, 1, ...] against [Rc, k, ...] instead of materialising the repeat."""
+        """edge_values [Ec, ...] ⊙ per_receiver[receiver of each edge] (broadcasting trailing dims);
+        with a uniform degree this broadcasts [Rc, 1, ...] against [Rc, k, ...] instead of
+        materialising the repeat."""
         block = per_receiver[self.r0 : self.r1]
         if self.degree is None:
             return torch.mul(edge_values, block.index_select(0, self.local), out=out)
-        shape = (self.rows, self.degree, *edge_values.shape[1:])
-        result = torch.mul(edge_values.view(shape), block.unsqueeze(1), out=None if out is None else out.view(shape))
-        return result.view(edge_values.shape)
+        grouped = edge_values.view(self.rows, self.degree, *edge_values.shape[1:])
+        if out is not None:
+            out = out.view(self.rows, self.degree, *out.shape[1:])
+        result = torch.mul(grouped, block.unsqueeze(1), out=out)
+        return result.view(-1, *result.shape[2:])
 
 
 def _chunks(graph: CSRGraph, d: int):
@@ -143,7 +146,7 @@ class _NeighborAttention(torch.autograd.Function):
         lse = q.new_zeros(n, h)  # [N, H]
         for c in chunks:
             k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, H, D]
-            logits = (c.expand(q) * k_ij).sum(-1).mul_(scale)  # [Ec, H]
+            logits = c.mul_by_receiver(k_ij, q, out=k_ij).sum(-1).mul_(scale)  # [Ec, H]
             seg_max = torch.full((c.rows, h), float("-inf"), dtype=q.dtype)
             seg_max.scatter_reduce_(0, c.local.unsqueeze(-1).expand_as(logits), logits, "amax")
             p = (logits - c.expand_local(seg_max)).exp_()  # [Ec, H]
@@ -166,12 +169,11 @@ class _NeighborAttention(torch.autograd.Function):
         for c in ctx.chunks:
             k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, H, D]
             v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
-            q_e, g_e = c.expand(q), c.expand(grad)  # [Ec, H, D]
-            p = ((q_e * k_ij).sum(-1) * scale - c.expand(lse)).exp_()  # [Ec, H] α_e
-            torch.mul(p.unsqueeze(-1), g_e, out=dve[c.e0 : c.e1])  # dv_ij
-            ds = p * ((g_e * v_ij).sum(-1) - c.expand(delta))  # [Ec, H]
+            p = (c.mul_by_receiver(k_ij, q).sum(-1).mul_(scale) - c.expand(lse)).exp_()  # [Ec, H] α_e
+            c.mul_by_receiver(p.unsqueeze(-1), grad, out=dve[c.e0 : c.e1])  # dv_ij = α_e dO_i
+            ds = p * (c.mul_by_receiver(v_ij, grad).sum(-1) - c.expand(delta))  # [Ec, H]
             dq[c.r0 : c.r1] = c.segment_sum(ds.unsqueeze(-1) * k_ij) * scale
-            torch.mul(ds.unsqueeze(-1) * scale, q_e, out=dke[c.e0 : c.e1])  # dk_ij
+            c.mul_by_receiver(ds.mul_(scale).unsqueeze(-1), q, out=dke[c.e0 : c.e1])  # dk_ij
             dk.index_add_(0, c.senders, dke[c.e0 : c.e1])
             dv.index_add_(0, c.senders, dve[c.e0 : c.e1])
         return dq, dk, dv, dke, dve, None
