@@ -225,8 +225,16 @@ class Chgnet:
         out = []
         structures = list(structures)
         for start in range(0, len(structures), 64):  # bounded memory: CHGNet keeps every graph of a call
-            chunk = self.model.predict_structure(structures[start : start + 64], batch_size=16)
-            out.extend(chunk if isinstance(chunk, list) else [chunk])
+            part = structures[start : start + 64]
+            try:
+                chunk = self.model.predict_structure(part, batch_size=16)
+                out.extend(chunk if isinstance(chunk, list) else [chunk])
+            except ValueError:  # e.g. an atom with no neighbour within CHGNet's 6 Å: NaN for that one
+                for structure in part:
+                    try:
+                        out.append(self.model.predict_structure(structure))
+                    except ValueError:
+                        out.append({"e": float("nan"), "f": None, "s": None, "m": None})
         return out
 
     def volume_scan(self, structures, scales=SCALES):
@@ -278,11 +286,11 @@ def elemental_references(chgnet: Chgnet, elements: set[str]) -> dict[str, float]
             d = GAS_DIMERS[element]
             molecules = [Structure(Lattice.cubic(12.0), [element, element], [[0, 0, 0], [d * f, 0, 0]],
                                    coords_are_cartesian=True) for f in SCALES]
-            mu[element] = min(float(p["e"]) for p in chgnet.predict(molecules))
+            mu[element] = min(e for e in (float(p["e"]) for p in chgnet.predict(molecules)) if math.isfinite(e))
         else:
             protos = ("diamond", "sc") if element in COVALENT else ("fcc", "bcc", "hcp")
             scanned = chgnet.volume_scan([build(proto, {"A": element}, None) for proto in protos])
-            mu[element] = min(e for _, e in scanned)
+            mu[element] = min(e for _, e in scanned if math.isfinite(e))
         print(f"  mu({element}) = {mu[element]:.4f} eV/atom", flush=True)
     return mu
 

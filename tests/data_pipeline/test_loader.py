@@ -262,3 +262,39 @@ def test_stats_and_dtype(shard_set):
     assert loader.stats["samples"] == len(records)
     assert loader.stats["atoms"] == sum(r.num_atoms for r in records)
     assert 0 < loader.stats["atom_budget_fill"] <= 1 and 0 <= loader.stats["token_padding_fraction"] < 1
+
+
+def test_fast_decode_equals_decode_sample(shard_set, tmp_path):
+    from data_pipeline.loader import decode_fast
+    from data_pipeline.shard_format import decode_sample
+
+    _, _, records = shard_set
+    extra = records[0].replace(key="syn:labelled", stress=np.arange(9.0).reshape(3, 3), magmoms=np.ones(records[0].num_atoms),
+                               properties={"bulk_modulus": 101.5}, band_gap=0.0, group="")
+    for record in records + [extra]:
+        sample = encode_record(record)
+        ref, fast = decode_sample(sample), decode_fast(sample["json"], sample["safetensors"])
+        assert fast is not None
+        for name, value in vars(ref).items():
+            other = getattr(fast, name)
+            if isinstance(value, np.ndarray):
+                assert other.dtype == value.dtype and np.array_equal(other, value) and other.flags.writeable, name
+            else:
+                assert other == value, name
+    # anything unexpected goes to the reference decoder
+    odd = encode_record(records[1])
+    odd["json"] = odd["json"].replace(b'"source"', b'"new_field":1,"source"')
+    assert decode_fast(odd["json"], odd["safetensors"]) is None
+
+
+def test_index_cache_and_reference_decoder_give_same_batches(shard_set, tmp_path):
+    _, paths, _ = shard_set
+    views = BatchViews(tokens=True)
+    ref = collect(ShardLoader(paths, views=views, atom_budget=60, seed=4, fast_decode=False))
+    cold = collect(ShardLoader(paths, views=views, atom_budget=60, seed=4, index_cache=str(tmp_path / "idx")))
+    assert len(list((tmp_path / "idx").glob("*.npz"))) == len(paths)
+    warm = collect(ShardLoader(paths, views=views, atom_budget=60, seed=4, index_cache=str(tmp_path / "idx")))
+    for a, b, c in zip(ref, cold, warm):
+        assert a.keys == b.keys == c.keys
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens)
+        assert torch.equal(a.labels["energy_per_atom"], c.labels["energy_per_atom"])

@@ -114,6 +114,7 @@ def test_every_source_reads_through_the_project_readers(sources):
     assert total > 100
 
 
+@pytest.mark.slow  # pymatgen builds each space group's operations once (~1 s each)
 def test_prototype_builder_is_sane_and_deterministic():
     from data_pipeline.sample.make_sample import build, decorations, sane
 
