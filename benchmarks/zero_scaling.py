@@ -140,7 +140,9 @@ def launch(world: int, args, out: Path) -> list[dict]:
            f"--master_port={port}", "--no_local_rank", str(Path(__file__).resolve()), "--worker", "--result", str(result),
            "--out", str(out), "--steps", str(args.steps), "--width", str(args.width), "--layers", str(args.layers),
            "--crystals", str(args.crystals)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world))}
+    # One core per rank, in both runs: scaling is measured in ranks, and two OpenMP threads per
+    # process spin badly when the machine is busy.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     log = out / f"world{world}.log"
     with open(log, "w") as handle:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
