@@ -420,7 +420,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         meta = {
             "step": self.step, "epoch": self.epoch, "world_size": self.world_size,
-            "config": self.config.to_dict(), "objective": self.config.objective, "views": _jsonable(self.views),
+            # export_config() inlines what init_from pointed at, so a release never needs the
+            # directory it was started from (stage 2 from a stage-1 release, refined generators).
+            "config": self.config.to_dict(), "views": _jsonable(self.views),
+            "objective": self.objective.export_config() if hasattr(self.objective, "export_config") else self.config.objective,
             "manifest_sha256": self.manifest_sha256, "git_commit": git_commit(),
             "metrics": self.last_metrics, "zero_stage": self.config.train.zero_stage,
             "precision": self.config.train.precision, "time": time.time(),
