@@ -11,8 +11,10 @@ registered as model `crystalfm-<task>` with alias `best`.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
+import time
 from pathlib import Path
 
 EXPERIMENT_PREFIX = "finetune/"
@@ -91,13 +93,9 @@ class Tracker:
         return self.run_id
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        import math
-
         from mlflow.entities import Metric
 
-        from time import time
-
-        now = int(time() * 1000)
+        now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
