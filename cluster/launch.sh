@@ -3,13 +3,14 @@
 #
 #   cluster/launch.sh STAGE CONFIG [--nodes N] [--gpus-per-node G] [--partition P] [--time T]
 #                     [--account A] [--cpus-per-task C] [--job-name NAME] [--log-dir DIR]
-#                     [--dry-run] [--local] [-- EXTRA ARGS...]
+#                     [--array N] [--dry-run] [--local] [-- EXTRA ARGS...]
 #
 #   STAGE     data      Ray head on the first node + one worker per other node, then
 #                       `python -m data_pipeline build CONFIG --ray-address HEAD:PORT EXTRA...`
 #             pretrain  one DeepSpeed launcher per node (srun), G ranks each, first host is master:
 #                       `python -m pretrain train CONFIG EXTRA...` (EXTRA: key.sub=value overrides)
-#             finetune  `python -m finetune train EXTRA... --config CONFIG` (EXTRA starts with the task)
+#             finetune  a sweep (tasks × encoders × fractions × seeds): `python -m finetune sweep CONFIG EXTRA...`;
+#                       with --array N, N array tasks each run their share (SLURM_ARRAY_TASK_ID/COUNT)
 #   --dry-run prints the rendered sbatch script instead of submitting it.
 #   --local   runs the same stage on this machine (G ranks for pretrain; in-process Ray for data).
 #   On CPU-only nodes, G is the number of CPU ranks per node (gloo backend).
@@ -29,7 +30,7 @@ die() { echo "launch.sh: $*" >&2; exit 2; }
 STAGE=$1; CONFIG=$2; shift 2
 case "$STAGE" in data|pretrain|finetune) ;; *) die "unknown stage '$STAGE' (data | pretrain | finetune)";; esac
 
-NODES=1; GPUS=1; PARTITION=""; TIME="24:00:00"; ACCOUNT=""; CPUS=""; JOB_NAME=""; DRY_RUN=0; LOCAL=0
+NODES=1; GPUS=1; PARTITION=""; TIME="24:00:00"; ACCOUNT=""; CPUS=""; JOB_NAME=""; DRY_RUN=0; LOCAL=0; ARRAY=
 LOG_DIR="${CRYSTALFM_LOG_DIR:-$ROOT/runs/slurm}"
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
     --cpus-per-task) CPUS=$2; shift 2;;
     --job-name) JOB_NAME=$2; shift 2;;
     --log-dir) LOG_DIR=$2; shift 2;;
+    --array) ARRAY=$2; shift 2;;
     --dry-run) DRY_RUN=1; shift;;
     --local) LOCAL=1; shift;;
     --) shift; EXTRA+=("$@"); break;;
@@ -50,6 +52,10 @@ while [ $# -gt 0 ]; do
 done
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$NODES'"
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$GPUS'"
+if [ -n "$ARRAY" ]; then
+  [[ "$ARRAY" =~ ^[1-9][0-9]*$ ]] || die "--array must be a positive integer, got '$ARRAY'"
+  [ "$STAGE" = finetune ] || die "--array is for the finetune stage (a sweep split over array tasks)"
+fi
 [ -f "$CONFIG" ] || die "config file '$CONFIG' not found"
 CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
 # The Python of the active virtualenv, else the repository's .venv, else the one on PATH.
@@ -70,7 +76,7 @@ if [ "$LOCAL" = 1 ]; then
       PORT=$("$PYTHON" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
       exec "$PYTHON" -m deepspeed.launcher.launch --world_info="$WORLD_INFO" --node_rank=0 \
         --master_addr=127.0.0.1 --master_port="$PORT" --no_local_rank --module pretrain train "$CONFIG" "${EXTRA[@]}";;
-    finetune) exec "$PYTHON" -m finetune train "${EXTRA[@]}" --config "$CONFIG";;
+    finetune) exec "$PYTHON" -m finetune sweep "$CONFIG" "${EXTRA[@]}";;
   esac
 fi
 
@@ -82,6 +88,7 @@ SBATCH_EXTRA=""
 [ -n "$PARTITION" ] && SBATCH_EXTRA+="#SBATCH --partition=$PARTITION"$'\n'
 [ -n "$ACCOUNT" ] && SBATCH_EXTRA+="#SBATCH --account=$ACCOUNT"$'\n'
 [ -n "$CPUS" ] && SBATCH_EXTRA+="#SBATCH --cpus-per-task=$CPUS"$'\n'
+[ -n "$ARRAY" ] && SBATCH_EXTRA+="#SBATCH --array=0-$((ARRAY - 1))"$'\n'
 if [ "$STAGE" = pretrain ] && [ "${CRYSTALFM_CPU_RANKS:-0}" != 1 ]; then
   SBATCH_EXTRA+="#SBATCH --gpus-per-node=$GPUS"$'\n'
 fi

@@ -81,8 +81,9 @@ def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
     assert 'start --address="$RAY_ADDRESS"' in script
     assert f"-m data_pipeline build {config} --ray-address \"$RAY_ADDRESS\"" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    finetune = launch("finetune", str(config), "--dry-run", "--", "mp_band_gap", "--encoder", "rel")
-    assert finetune.returncode == 0 and "-m finetune train mp_band_gap --encoder rel --config" in finetune.stdout
+    finetune = launch("finetune", str(config), "--dry-run", "--array", "4", "--", "--encoders", "rel", "scratch")
+    assert finetune.returncode == 0 and f"-m finetune sweep {config} --encoders rel scratch" in finetune.stdout
+    assert "#SBATCH --array=0-3" in finetune.stdout
 
 
 def test_launch_rejects_bad_arguments(tmp_path):
