@@ -401,12 +401,14 @@ def main(argv=None) -> None:
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
     entries = [PDEntry(p["final"].composition, p["e"] * len(p["final"])) for p in pool]
-    entries += [PDEntry({el: 1}, mu[el]) for el in mu]
-    diagram = PhaseDiagram(entries)
+    references = [PDEntry({el: 1}, mu[el]) for el in mu]
     for p, entry in zip(pool, entries):
         comp = p["final"].composition
         p["ef"] = p["e"] - sum(mu[el.symbol] * amt for el, amt in comp.items()) / comp.num_atoms
-        p["ehull"] = max(0.0, float(diagram.get_e_above_hull(entry)))
+        # one small hull per chemical system (a single ~60-element hull is intractable)
+        system = set(comp.elements)
+        local = [e for e in entries + references if set(e.composition.elements) <= system]
+        p["ehull"] = max(0.0, float(PhaseDiagram(local).get_e_above_hull(entry)))
 
     # 3. the four sources, disjoint materials -------------------------------------------------
     groups, cursor = {}, 0
