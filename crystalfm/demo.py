@@ -73,15 +73,41 @@ def release(checkpoints: Path, out: Path) -> Path:
     return path
 
 
+def sample_property_csv(work: Path) -> Path:
+    """The embedded sample's CDVAE-style CSV as a user fine-tune task: one CIF per crystal plus
+    `formation_energy_per_atom.csv` (structure file, value), so the demo needs no downloaded data."""
+    from data_pipeline.readers import Reject, open_reader
+    from data_pipeline.sample import sample_sources
+
+    source = next(s for s in sample_sources() if s["kind"] == "cdvae_csv")
+    folder = work / "finetune_data"
+    (folder / "cif").mkdir(parents=True, exist_ok=True)
+    reader = open_reader("cdvae_csv", source["path"])
+    rows = []
+    for entry in reader.scan():
+        if isinstance(entry, Reject):
+            continue
+        record = reader.parse(entry)
+        if record.formation_energy_per_atom is None:
+            continue
+        name = record.key.split(":", 1)[-1] + ".cif"
+        record.to_structure().to(filename=str(folder / "cif" / name))
+        rows.append(f"cif/{name},{record.formation_energy_per_atom}")
+    table = folder / "formation_energy_per_atom.csv"
+    table.write_text("structure,formation_energy_per_atom\n" + "\n".join(rows) + "\n")
+    return table
+
+
 def finetune(work: Path, encoder: Path) -> Path:
     try:
         from finetune.cli import main as finetune_main
     except ImportError as exc:
         raise StageUnavailable(f"fine-tuning is not installed yet ({exc})") from None
     out = work / "finetune"
-    # A frozen-encoder probe on a small slice of a registered task (the finetune package owns the details).
-    argv = ["train", "mp20_formation_energy_per_atom", "--encoder", str(encoder), "--mode", "frozen", "--epochs", "2",
-            "--max-train", "200", "--max-eval", "100", "--save", str(out), "--no-tracking"]
+    table = sample_property_csv(work)
+    # A frozen-encoder MLP probe of formation energy on the embedded sample (a user-CSV task).
+    argv = ["train", f"csv:{table}", "--unit", "eV/atom", "--encoder", str(encoder), "--mode", "frozen",
+            "--epochs", "5", "--save", str(out), "--tracking-uri", f"sqlite:///{work / 'runs' / 'mlflow.db'}"]
     try:
         code = finetune_main(argv)
     except SystemExit as exc:  # argparse: the fine-tune CLI changed
