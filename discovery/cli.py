@@ -97,8 +97,6 @@ def _evaluate(args) -> int:
 
 
 def _screen(args) -> int:
-    import numpy as np
-
     from discovery.generate import read_samples
     from discovery.references import load_elemental, load_reference_records
     from discovery.screen import (ReferenceEmbeddings, embed_records, fingerprint_embeddings, jepa_scores,

@@ -57,7 +57,6 @@ def sample_generator(objective, n: int, seed: int = 0, steps: int | None = None,
 def latent_sample(objective, n: int, atom_counts: dict[int, int], seed: int = 0, steps: int = 50,
                   source: str = "latent") -> list[CrystalRecord]:
     from pretrain.objectives.dit import pad_atoms
-    from pretrain.objectives.geometry import polar_matrix  # noqa: F401  (documented twin of polar6)
 
     objective = objective.eval()
     generator = torch.Generator().manual_seed(seed)

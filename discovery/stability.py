@@ -90,7 +90,6 @@ class HullReference:
 
     def e_above_hull(self, composition, formation_energy: float) -> float:
         """eV/atom above the hull of the composition's chemical system (negative: below it)."""
-        from pymatgen.analysis.phase_diagram import PDEntry
         from pymatgen.core import Composition
 
         composition = Composition(composition)

@@ -37,13 +37,6 @@ _BASE: dict = {}
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models: with two threads, thread hand-offs dominate on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _encoder(key, **overrides):
     torch.manual_seed(0)

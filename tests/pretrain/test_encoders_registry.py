@@ -18,13 +18,6 @@ DEFAULT_WIDTH = {"pddformer": 256, "matformer": 128, "jepa_transformer": 512}
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models: with two threads, thread hand-offs dominate on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _views(encoder: Encoder) -> BatchViews:
     return BatchViews(

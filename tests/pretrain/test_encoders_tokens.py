@@ -21,13 +21,6 @@ ATOL = 1e-10
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models: with two threads, thread hand-offs dominate on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _encoder(**overrides):
     torch.manual_seed(0)

@@ -16,13 +16,6 @@ from pretrain.objectives.geometry import random_rotation
 TOKENS = {"name": "jepa_transformer", "width": 64, "num_layers": 2, "heads": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: with two threads, thread hand-offs dominate (50x slower on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _records_of(batch) -> list[CrystalRecord]:

@@ -15,13 +15,6 @@ from pretrain.objectives.sigreg import SIGReg, gaussian_expectation
 TOKENS = {"name": "jepa_transformer", "width": 32, "num_layers": 1, "heads": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: with two threads, thread hand-offs dominate (50x slower on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,6 @@ TOKENS = {"name": "jepa_transformer", "width": 64, "num_layers": 2, "heads": 4}
 PDD = {"name": "pddformer", "width": 32, "num_layers": 2, "rbf_bins": 16, "pdd_k": 12}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: with two threads, thread hand-offs dominate (50x slower on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _batch(objective, records):
