@@ -1,7 +1,8 @@
 """The build over ALL of ../shared/data (every layout, 25k records: `configs/data_shared_all.yaml`).
 
-About 1.5 minutes on an idle 2-core machine, so it is opt-in: `CRYSTALFM_FULL_BUILD=1`. The default
-suite builds a representative subset with one input of every reader kind (test_build.py)."""
+About 1.5 minutes on an idle 2-core machine. `.ci/test` (CI and the README's test command) sets
+`CRYSTALFM_FULL_BUILD=1`; a plain `pytest` skips it, and test_build.py covers a representative subset
+with one input of every reader kind."""
 from __future__ import annotations
 
 import os
