@@ -56,26 +56,53 @@ if [[ ! -f "$STUDY/shards/manifest.json" ]]; then
     timed data_build "${RUN[@]}" crystalfm data build configs/study_data_mp20.yaml --no-progress
 fi
 
-# 3. Scratch arm, in the background (the sweep driver creates the MLflow store and experiment).
-timed sweep_scratch "${RUN[@]}" crystalfm finetune sweep configs/study_finetune_mp20.yaml \
-    --encoders scratch --set "encoder_config=${ENCODER}" --set "epochs=${EPOCHS}" \
-    --out "$STUDY/finetune" > "$STUDY/sweep_scratch.log" 2>&1 &
+# Fine-tune sweeps run as SHARDS parallel processes of one thread each (`--shard i/n`), which
+# uses 2 cores far better than one process with 2 threads for models this small.
+SHARDS=${SHARDS:-3}
+sweep_arm() {  # sweep_arm NAME SWEEP-ARGS...: the arm's runs split over SHARDS processes
+    local name=$1; shift
+    local pids=() i
+    for (( i = 0; i < SHARDS; i++ )); do
+        OMP_NUM_THREADS=1 "${RUN[@]}" crystalfm finetune sweep configs/study_finetune_mp20.yaml "$@" \
+            --set "epochs=${EPOCHS}" --out "$STUDY/finetune" --shard "$i/$SHARDS" \
+            > "$STUDY/sweep_${name}_$i.log" 2>&1 &
+        pids+=($!)
+        if (( i == 0 )); then
+            # The first driver creates the SQLite schema; drivers migrating a fresh store at the same
+            # time race ("table _alembic_tmp_experiments already exists"), so wait for its first line.
+            until grep -q '^\[sweep\]' "$STUDY/sweep_${name}_0.log" 2>/dev/null; do
+                kill -0 "${pids[0]}" 2>/dev/null || break
+                sleep 2
+            done
+        fi
+    done
+    local failed=0
+    for i in "${pids[@]}"; do wait "$i" || failed=1; done
+    return $failed
+}
+
+# 3. Scratch arm, in the background: it needs no pretrained weights.
+timed sweep_scratch sweep_arm scratch --encoders scratch --set "encoder_config=${ENCODER}" &
 SCRATCH_PID=$!
+until grep -q '^\[sweep\]' "$STUDY/sweep_scratch_0.log" 2>/dev/null; do  # its store exists: no schema race later
+    kill -0 "$SCRATCH_PID" 2>/dev/null || break
+    sleep 2
+done
 
 # 4. Pretrain (resumes from the latest checkpoint when rerun) and release the last checkpoint.
 PRETRAIN_RUN="$STUDY/pretrain/vae_small"
 RELEASE="$STUDY/release/vae_small"
 if [[ ! -f "$RELEASE/model.safetensors" ]]; then
     timed pretrain "${RUN[@]}" timeout --preserve-status -s TERM "${PRETRAIN_MINUTES}m" \
-        crystalfm pretrain train configs/study_pretrain_vae.yaml \
+        env OMP_NUM_THREADS=1 crystalfm pretrain train configs/study_pretrain_vae.yaml \
         "objective.encoder=${ENCODER}" "train.max_steps=${PRETRAIN_STEPS}" > "$STUDY/pretrain.log" 2>&1
     log "pretraining stopped at: $(tail -1 "$PRETRAIN_RUN/metrics.jsonl" | cut -c1-120)"
-    timed release "${RUN[@]}" crystalfm pretrain release "$PRETRAIN_RUN/checkpoints" --out "$RELEASE"
+    timed release "${RUN[@]}" crystalfm pretrain release "$PRETRAIN_RUN/checkpoints" --out "$RELEASE" \
+        --alias mp20-study  # the default alias "latest" is reserved by MLflow (reported)
 fi
 
-# 5. Pretrained arm (same store; SQLite on a local disk takes the two writers).
-timed sweep_pretrained "${RUN[@]}" crystalfm finetune sweep configs/study_finetune_mp20.yaml \
-    --encoders "$RELEASE" --set "epochs=${EPOCHS}" --out "$STUDY/finetune" > "$STUDY/sweep_pretrained.log" 2>&1
+# 5. Pretrained arm (same MLflow store; SQLite on a local disk takes the concurrent writers).
+timed sweep_pretrained sweep_arm pretrained --encoders "$RELEASE"
 wait "$SCRATCH_PID"
 
 # 6. The comparison: CSV, Markdown, PNG.
