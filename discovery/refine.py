@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,6 @@ def refine(cfg: RefineConfig) -> dict:
     from discovery.matching import NoveltyIndex
     from discovery.screen import ReferenceEmbeddings, embed_records
     from discovery.stability import HullReference
-    from discovery.vsun import fractions, write_table
     from pretrain.release import load_pretrained
 
     out = Path(cfg.out)
@@ -88,8 +88,23 @@ def refine(cfg: RefineConfig) -> dict:
     jepa = load_pretrained(cfg.jepa)
     reference_index = ReferenceEmbeddings(reference, embed_records(jepa, reference))
 
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(cfg.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
-    mlflow.set_experiment("crystalfm-refine")
+    try:
+        mlflow.set_experiment("crystalfm-refine")
+        history, generator_dir = _rounds(cfg, hull, novelty, elemental, jepa, reference_index, out)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)  # set_tracking_uri is process-global: restore it
+    summary = {"before": history[0], "after": history[-1], "rounds": history, "refined_generator": generator_dir}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+    return summary
+
+
+def _rounds(cfg: RefineConfig, hull, novelty, elemental, jepa, reference_index, out: Path):
+    import mlflow
+
+    from discovery.vsun import fractions, write_table
+
     generator_dir, history = cfg.generator, []
     for round_ in range(cfg.rounds + 1):  # the last round only measures the refined generator
         round_dir = out / f"round{round_}"
@@ -109,9 +124,7 @@ def refine(cfg: RefineConfig) -> dict:
                 continue
             generator_dir = finetune_generator(cfg, generator_dir, [s for s in samples if s.key in set(kept)], round_dir)
             mlflow.log_param("refined_generator", generator_dir)
-    summary = {"before": history[0], "after": history[-1], "rounds": history, "refined_generator": generator_dir}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
-    return summary
+    return history, generator_dir
 
 
 def finetune_generator(cfg: RefineConfig, generator_dir: str, crystals, round_dir: Path) -> str:

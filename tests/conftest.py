@@ -18,6 +18,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri():
+    """mlflow.set_tracking_uri() is process-global and also exports MLFLOW_TRACKING_URI: a test that
+    tracks into its own store must not leak that store into the tests after it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover
+        return
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(before)  # None also clears the exported variable
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def pytest_configure(config):
     # Tests never touch a GPU or a team MLflow server by accident.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
