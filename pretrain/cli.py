@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--out", required=True, help="release directory to write")
     release.add_argument("--registry-name", default=None,
                          help="MLflow registered-model name (default: tracking.registry_name or crystalfm-<objective>)")
-    release.add_argument("--alias", default="latest", help="MLflow model-registry alias to point at this version")
+    release.add_argument("--alias", default="current", help="MLflow model-registry alias to point at this version (MLflow reserves \"latest\")")
     release.add_argument("--no-register", action="store_true", help="do not register in the MLflow model registry")
     release.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run used)")
 
@@ -66,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "release":
         from pretrain.release import release_checkpoint
 
-        out = release_checkpoint(args.checkpoint, args.out, register=not args.no_register,
-                                 registry_name=args.registry_name, alias=args.alias, tracking_uri=args.tracking_uri)
+        try:
+            out = release_checkpoint(args.checkpoint, args.out, register=not args.no_register,
+                                     registry_name=args.registry_name, alias=args.alias, tracking_uri=args.tracking_uri)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"crystalfm pretrain release: {exc}", file=sys.stderr)
+            return 2
         print(f"released {args.checkpoint} → {out}")
         return 0
     if args.command == "evaluate":

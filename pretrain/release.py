@@ -230,12 +230,14 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
 
 
 def release_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, register: bool = True,
-                       registry_name: str | None = None, alias: str = "latest",
+                       registry_name: str | None = None, alias: str = "current",
                        tracking_uri: str | None = None) -> Path:
     """Consolidate a training checkpoint into a release directory (and register it in MLflow)."""
     from pretrain.checkpoint import resolve_step_dir
     from pretrain.objectives import build_objective
 
+    if register and alias.lower() == "latest":  # checked before anything is written
+        raise ValueError("MLflow reserves the alias 'latest' (it always means the newest version): choose another, e.g. --alias current")
     step_dir = resolve_step_dir(checkpoint)
     meta = json.loads((step_dir / "meta.json").read_text())
     state = consolidate_fp32(step_dir)
@@ -267,6 +269,7 @@ def release_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
 def register_release(release_dir: Path, tracking_uri: str, name: str, alias: str, run_id: str | None) -> str:
     """Log the release as artifacts of its training run and register a model version with `alias`."""
+
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)

@@ -99,3 +99,11 @@ def test_licences():
     assert licence_of("gnome") == "CC BY-NC 4.0 (non-commercial use only)"
     assert licence_of("mp20").startswith("CC BY 4.0") and licence_of("mptrj").startswith("CC BY 4.0")
     assert licence_of("my_lab_cifs").startswith("unknown")
+
+
+def test_release_refuses_mlflow_reserved_alias_before_writing(tmp_path):
+    from pretrain.cli import main
+
+    # 'latest' is reserved by MLflow's registry; the error comes before any checkpoint is read
+    assert main(["release", str(tmp_path / "no-checkpoint"), "--out", str(tmp_path / "rel"), "--alias", "latest"]) == 2
+    assert not (tmp_path / "rel").exists()
