@@ -31,24 +31,22 @@ crystalfm discovery generate $R/releases/ddpm --n 24 --seed 0 --steps 32 --out $
 crystalfm discovery generate $R/releases/ddpm --n 24 --seed 1 --steps 32 --out $R/samples1
 
 # 4. V.S.U.N. over both runs (CHGNet relaxation, 50 FIRE steps, valid crystals only)
-#    (ran in the background; slow on run 0, see the doc)
+#    (6 min: SMACT validity is very slow on two 12-element compositions in run 0, see the doc)
 crystalfm discovery evaluate $R/samples0 $R/samples1 --reference $REF --elemental-refs $ELEM \
   --relax-steps 50 --out $R/vsun
 
-#    What was actually run as well (the two-run evaluate spends minutes per many-element
-#    composition in SMACT; see docs/discovery_mp20.md): run 1 alone, on the second core
+#    also run, on the second core while the above was busy: run 1 alone
 crystalfm discovery evaluate $R/samples1 --reference $REF --elemental-refs $ELEM \
   --relax-steps 50 --out $R/vsun_run1
 
-# 5. Crys-JEPA screen, Spearman rho of D_C vs E_hull
-#    planned (needs $R/vsun from step 4):
-#    crystalfm discovery screen $R/samples0 --jepa $R/releases/jepa --reference $REF \
-#      --evaluation $R/vsun/vsun_table.csv --keep 0.25 --out $R/screen
-#    run instead:
+# 5. Crys-JEPA screen, Spearman rho of D_C vs E_hull (run 0 with the two-run table, run 1
+#    with the run-1-only table); screen_noeval was an earlier call without --evaluation
 crystalfm discovery screen $R/samples0 --jepa $R/releases/jepa --reference $REF \
   --keep 0.25 --out $R/screen_noeval
 crystalfm discovery screen $R/samples1 --jepa $R/releases/jepa --reference $REF \
   --evaluation $R/vsun_run1/vsun_table.csv --keep 0.25 --out $R/screen_run1
+crystalfm discovery screen $R/samples0 --jepa $R/releases/jepa --reference $REF \
+  --evaluation $R/vsun/vsun_table.csv --keep 0.25 --out $R/screen
 
 # 6. one refinement round
 crystalfm discovery refine generator=$R/releases/ddpm jepa=$R/releases/jepa reference=$REF \
