@@ -62,7 +62,10 @@ def run_round(cfg: RefineConfig, generator_dir: str, round_: int, hull, novelty,
     samples = sample_generator(generator, cfg.n, seed=cfg.seed + round_, steps=cfg.sample_steps, source=f"round{round_}")
     write_samples(samples, out / "samples")
     verdicts = evaluate_run(samples, hull, novelty, elemental, RelaxConfig(**cfg.relax), cfg.num_workers, run=round_)
-    vun = [i for i, v in enumerate(verdicts) if v.valid and v.unique and v.novel]
+    # V.U.N. crystals whose relaxation produced a usable structure (a failed or exploded one is no
+    # example to fine-tune the generator on)
+    vun = [i for i, v in enumerate(verdicts) if v.valid and v.unique and v.novel
+           and not v.relax_status.startswith(("failed", "exploded", "skipped"))]
     candidates = [samples[i] for i in vun]
     scores, refs = jepa_scores(candidates, embed_records(jepa, candidates), reference_index) if candidates else ([], [])
     rows = rank_candidates([c.key for c in candidates], scores, refs, cfg.keep)

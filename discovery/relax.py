@@ -14,6 +14,7 @@ import numpy as np
 from data_pipeline.record import CrystalRecord
 
 EXPLODED_VOLUME_RATIO = 5.0  # a cell that grows or shrinks 5× while relaxing has exploded
+CHGNET_MAX_Z = 94  # CHGNet's element table stops at plutonium
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class CHGNetRelaxer:
 
     def relax(self, record: CrystalRecord) -> RelaxResult:
         cfg = self.config
+        if int(record.atomic_numbers.max(initial=0)) > CHGNET_MAX_Z:
+            beyond = sorted({int(z) for z in record.atomic_numbers if z > CHGNET_MAX_Z})
+            return RelaxResult(record.key, "failed", message=f"CHGNet covers Z ≤ {CHGNET_MAX_Z}; this crystal has Z = {beyond}")
         try:
             out = self.optimizer.relax(
                 record.to_structure(), fmax=cfg.fmax, steps=cfg.steps, relax_cell=cfg.relax_cell, verbose=False

@@ -19,6 +19,10 @@ from data_pipeline.record import CrystalRecord
 
 MIN_VOLUME = 0.1  # Å³, for the whole cell (the paper's rule)
 MIN_DISTANCE = 0.5  # Å
+# SMACT enumerates every combination of oxidation states; a 12-element composition from a barely
+# trained generator can take minutes. Above this many combinations the composition is reported
+# not valid, with the reason, instead of searched (real crystals stay far below it).
+MAX_OXIDATION_COMBINATIONS = 200_000
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,25 @@ def _smact_valid(formula: str) -> bool:
     return bool(smact_validity(Composition(formula), use_pauling_test=True, include_alloys=True))
 
 
+def oxidation_combinations(elements) -> int:
+    """Upper bound of the oxidation-state assignments SMACT would enumerate for these elements."""
+    import smact
+
+    total = 1
+    for symbol in elements:
+        total *= max(1, len(smact.Element(str(symbol)).oxidation_states or ()))
+    return total
+
+
 def compositional_validity(record: CrystalRecord) -> tuple[bool, str]:
     from pymatgen.core import Composition
 
-    formula = Composition(dict(zip(*np.unique(record.atomic_numbers, return_counts=True)))).reduced_formula
+    composition = Composition(dict(zip(*np.unique(record.atomic_numbers, return_counts=True))))
+    formula = composition.reduced_formula
+    combinations = oxidation_combinations(composition.elements)
+    if combinations > MAX_OXIDATION_COMBINATIONS:
+        return False, (f"{formula}: {len(composition.elements)} elements, {combinations:.2g} oxidation-state "
+                       f"combinations (> {MAX_OXIDATION_COMBINATIONS:,}): not searched, counted not valid")
     if _smact_valid(formula):
         return True, ""
     return False, f"{formula}: no charge-neutral, electronegativity-ordered oxidation states (SMACT)"

@@ -120,3 +120,11 @@ def test_uniqueness_and_novelty_catch_supercells_permutations_and_translations(m
     index = NoveltyIndex([base])
     assert not index.is_novel(supercell) and not index.is_novel(translated)
     assert index.is_novel(other)
+
+
+def test_compositions_with_huge_oxidation_searches_are_reported_not_searched():
+    zs = [70, 68, 21, 22, 26, 75, 14, 47, 5, 5, 15, 46, 8]  # YbErScTiFeReSiAgB2PPdO: minutes for SMACT
+    n = len(zs)
+    crystal = CrystalRecord("t:many", "t", zs, np.random.default_rng(0).random((n, 3)), np.eye(3) * 9)
+    result = check_validity(crystal)
+    assert not result.compositional and "not searched" in result.reason
