@@ -99,7 +99,7 @@ def _keyed_draws(flow):
     flow.draw_time, flow.draw_prior = draw_time, draw_prior
 
 
-def test_loss_normalisation_matches_one_big_batch(mp20_records):
+def test_loss_normalisation_matches_one_big_batch(mp20_records, summed_grads):
     torch.manual_seed(0)
     flow = _flow(guard="none").double().eval()
     with torch.no_grad():  # leave adaLN-Zero's exact zeros so the DiT path matters
@@ -111,10 +111,7 @@ def test_loss_normalisation_matches_one_big_batch(mp20_records):
     norm = LossNorm.of(whole)
 
     def grads(batches):
-        flow.zero_grad()
-        total = sum(flow.loss(b, norm)[0] for b in batches)
-        total.backward()
-        return float(total), [p.grad.clone() for p in flow.parameters() if p.grad is not None]
+        return summed_grads(flow, batches, norm)
 
     loss_whole, g_whole = grads([whole])
     loss_parts, g_parts = grads([_batch(flow, part_a, torch.float64), _batch(flow, part_b, torch.float64)])

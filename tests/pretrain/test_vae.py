@@ -122,7 +122,7 @@ def test_invariant_targets_are_invariant_and_paper_targets_are_not(mp20_records)
     assert abs(a - b) > 1e-2 * abs(a)
 
 
-def test_loss_normalisation_matches_one_big_batch(mp20_records):
+def test_loss_normalisation_matches_one_big_batch(mp20_records, summed_grads):
     """grad loss(A ∪ B, global norm) == grad loss(A, global norm) + grad loss(B, global norm)."""
     torch.manual_seed(0)
     vae = build_objective({"name": "vae", "latent_dim": 16, "encoder": TOKENS}).double().eval()
@@ -132,10 +132,7 @@ def test_loss_normalisation_matches_one_big_batch(mp20_records):
     norm = LossNorm.of(whole)
 
     def grads(batches):
-        vae.zero_grad()
-        total = sum(vae.loss(b, norm)[0] for b in batches)
-        total.backward()
-        return float(total), [p.grad.clone() for p in vae.parameters() if p.grad is not None]
+        return summed_grads(vae, batches, norm)
 
     loss_whole, g_whole = grads([whole])
     loss_parts, g_parts = grads([_batch(vae, part_a), _batch(vae, part_b)])
