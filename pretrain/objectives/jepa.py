@@ -38,6 +38,7 @@ from pretrain.encoders.base import Encoder, build_encoder
 from pretrain.objectives.augment import CONTEXT_LATTICE, random_context
 from pretrain.objectives.base import LossNorm, Objective
 from pretrain.objectives.collapse import collapse_metrics
+from pretrain.objectives.property_head import PropertyHeadConfig, build_property_head
 from pretrain.objectives.config import encoder_views, parse_config
 from pretrain.objectives.sigreg import SIGReg
 
@@ -77,6 +78,7 @@ class JEPAConfig:
     permute: bool = True
     context_lattice: str = "polar"
     predictor_hidden: int = 0
+    property_head: PropertyHeadConfig = field(default_factory=PropertyHeadConfig)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -124,6 +126,7 @@ class JEPAObjective(Objective):
         self.move_embedding = _mlp(6, hidden, d)  # the reference's cond_emb of (t ‖ u)
         self.predictor = _mlp(d, hidden, d)
         self.sigreg = SIGReg(num_slices=config.sigreg_slices)
+        self.property_head = build_property_head(config.property_head, d)  # None unless weighted
         if config.target_encoder == "ema":
             self.target = copy.deepcopy(self.encoder).requires_grad_(False)
 
@@ -168,6 +171,12 @@ class JEPAObjective(Objective):
             loss = (1 - cfg.sigreg_weight) * mse + cfg.sigreg_weight * reg
             extra = {"mse": float(mse.detach()), "sigreg": float(reg.detach())}
 
+        if self.property_head is not None:
+            # On the target (unmoved) embedding: the one fine-tuning and screening read.
+            source = target if cfg.target_encoder == "shared" else self.embed(batch)
+            property_loss, property_metrics = self.property_head.loss(source, batch, norm.crystals)
+            loss = loss + property_loss
+            extra.update(property_metrics)
         with torch.no_grad():
             cos = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T  # [B, B]
             metrics = {

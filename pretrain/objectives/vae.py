@@ -43,6 +43,7 @@ from data_pipeline.record import MAX_Z
 from pretrain.encoders.base import build_encoder
 from pretrain.objectives.base import LossNorm, Objective
 from pretrain.objectives.collapse import collapse_metrics
+from pretrain.objectives.property_head import PropertyHeadConfig, build_property_head
 from pretrain.objectives.config import encoder_views, parse_config
 from pretrain.objectives.geometry import aligned_frac_residual, min_image_distance, polar6
 
@@ -79,6 +80,7 @@ class VAEConfig:
     decoder_hidden: int = 0
     coord_huber: float = 0.01
     logvar_init: float | None = -4.0
+    property_head: PropertyHeadConfig = field(default_factory=PropertyHeadConfig)
 
     def __post_init__(self):
         if self.target_mode not in TARGET_MODES:
@@ -128,6 +130,7 @@ class VAEObjective(Objective):
         self.type_head = _head(d_lat, MAX_Z, hidden)
         self.coord_head = _head(d_lat, 3, hidden)
         self.lattice_head = _head(d_lat, 9 if config.target_mode == "paper" else 6, hidden)
+        self.property_head = build_property_head(config.property_head, d_enc)  # None unless weighted
 
     # ------------------------------------------------------------------ randomness (overridable in tests)
     def draw_mask(self, batch) -> torch.Tensor:
@@ -143,9 +146,14 @@ class VAEObjective(Objective):
 
     def posterior(self, batch, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) [N, d_lat] of q(Z | batch with `mask`ed species)."""
+        return self._moments(self._encode(batch, mask))
+
+    def _encode(self, batch, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:
             batch = mask_atom_types(batch, mask)
-        h = self.encoder(batch)  # [N, d_enc]
+        return self.encoder(batch)  # [N, d_enc]
+
+    def _moments(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.moments(h).chunk(2, dim=-1)  # [N, d_lat] each
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -176,7 +184,8 @@ class VAEObjective(Objective):
         norm = norm or LossNorm.of(batch)
         cfg = self.config
         mask = self.draw_mask(batch)  # [N]
-        mean, logvar = self.posterior(batch, mask)
+        h = self._encode(batch, mask)  # [N, d_enc]
+        mean, logvar = self._moments(h)
         z = mean + torch.exp(0.5 * logvar) * self.draw_eps(mean) if self.training else mean  # [N, d_lat]
         out = self.decode(z, batch)
 
@@ -195,6 +204,11 @@ class VAEObjective(Objective):
             + cfg.lattice_weight * lattice_loss
             + cfg.kl_weight * kl_loss
         )
+        property_metrics = {}
+        if self.property_head is not None:
+            # On the masked pass's embedding: no second encoder pass, and the masking acts as augmentation.
+            property_loss, property_metrics = self.property_head.loss(self.encoder.readout(h, batch, "mean"), batch, norm.crystals)
+            loss = loss + property_loss
         with torch.no_grad():
             correct = (out["type_logits"].argmax(-1) == target_type) & mask
             metrics = {
@@ -206,6 +220,7 @@ class VAEObjective(Objective):
                 "type_acc_masked": float(correct.sum() / mask.sum().clamp(min=1)),
                 "masked_atoms": float(mask.sum()),
                 **collapse_metrics(mean.detach(), "latent"),
+                **property_metrics,
             }
         return loss, metrics
 
