@@ -1,2 +1,4 @@
 """crystalfm: one console script over the stages data_pipeline → pretrain → finetune → discovery."""
-__version__ = "0.1.0"
+from crystalfm_common.provenance import package_version
+
+__version__ = package_version()

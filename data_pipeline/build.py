@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,8 +41,9 @@ from data_pipeline.manifest import (
     ShardStats,
     dumps,
     manifest_digest,
-    write_json_atomic,
 )
+from crystalfm_common.atomic import write_bytes_atomic
+from crystalfm_common.provenance import REPO_ROOT, git_commit, git_dirty, package_version
 from data_pipeline.shard_writer import BlobWriter, DeterministicTarWriter, read_members, sample_tar_bytes
 
 WORK_DIR = "_work"
@@ -216,7 +216,7 @@ def prepare_output(config: BuildConfig, out: Path, log) -> BuildResult | None:
     for sub in ("chunks", "buckets", "shards"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     if not work_config.exists():
-        write_json_atomic(work_config, {"fingerprint": fingerprint, "config": config.data_dict()})
+        write_bytes_atomic(work_config, dumps({"fingerprint": fingerprint, "config": config.data_dict()}))
     for stale in [*out.glob("*.tmp*"), *work.glob("*/*.tmp*")]:  # left by a killed build
         stale.unlink()
     return None
@@ -439,7 +439,7 @@ def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
             out_items.append(["record", sample["__key__"], *facts, *json_ref, *arrays_ref])
         blob.close()
     index = {"version": CHUNK_INDEX_VERSION, "digest": digest, "source": source["name"], "items": out_items}
-    write_json_atomic(f"{path}.json", index)
+    write_bytes_atomic(f"{path}.json", dumps(index))
     return index
 
 
@@ -602,7 +602,7 @@ def match_buckets(payload: list, matcher: dict, check_exclude: bool, path: str, 
         for name, how, matched in match_bucket(candidates, matcher_cfg, check_exclude):
             dropped.append([name, how, keys[matched]])
     result = {"digest": digest, "dropped": dropped}
-    write_json_atomic(path, result)
+    write_bytes_atomic(path, dumps(result))
     return result
 
 
@@ -692,7 +692,7 @@ def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str) 
         "digest": digest,
         "stats": stats.to_state(),
     }
-    write_json_atomic(sidecar, info)
+    write_bytes_atomic(sidecar, dumps(info))
     return info
 
 
@@ -786,7 +786,7 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
         "statistics": {"all": total.summary(), **{name: s.summary() for name, s in split_stats.items()}},
         "files": {"rejects": REJECTS_NAME, "duplicates": DUPLICATES_NAME},
     }
-    write_json_atomic(out / MANIFEST_NAME, dumps(manifest))  # last: the shard set now exists
+    write_bytes_atomic(out / MANIFEST_NAME, dumps(manifest))  # last: the shard set now exists
     log(
         f"wrote {written} samples in {len(shard_infos)} shard(s) to {out} "
         f"(records in {records_in} = written {written} + rejects {rejects} + duplicates {duplicates} + excluded {excluded}); "
@@ -799,7 +799,7 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     payload = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows).encode()
-    write_json_atomic(path, payload)
+    write_bytes_atomic(path, payload)
 
 
 def _shard_format_version() -> int:
@@ -810,21 +810,12 @@ def _shard_format_version() -> int:
 
 def code_version() -> dict:
     """The git commit of the code that built the shards (if it runs from a checkout) and the package version."""
-    from crystalfm import __version__
-
-    out = {"package_version": __version__}
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            out["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(
-                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "data_pipeline"],
-                capture_output=True, text=True, timeout=10,
-            )
-            out["git_dirty"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    out: dict = {"package_version": package_version()}
+    commit = git_commit()
+    if commit is not None:
+        out["git_commit"] = commit
+        dirty = git_dirty(REPO_ROOT, "data_pipeline")
+        out["git_dirty"] = bool(dirty)
     return out
 
 

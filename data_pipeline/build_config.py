@@ -2,7 +2,7 @@
 
 Every field has a default, so `crystalfm data build --source cdvae_csv:train.csv.gz --out shards/`
 works without a file; a YAML file (`configs/data_*.yaml`) sets the same fields. Unknown keys are
-rejected with the list of allowed ones, so a typo never silently falls back to a default.
+rejected with the closest valid name, so a typo never silently falls back to a default.
 
 Fields are split in two: the *data* fields decide the bytes of the shard set (they are stored in
 the manifest and fingerprinted; a rerun with different data fields refuses to resume), the
@@ -18,22 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crystalfm_common.config import ConfigError, check_keys, from_dict
+
 DEDUP_MODES = ("none", "exact", "structural")
 SPLIT_BY = ("group", "reduced_formula")
 EXCLUDE_MATCH = ("exact", "structural")
 RUNTIME_FIELDS = ("out", "executor", "ray_address", "num_workers", "force", "keep_work")
 EXECUTORS = ("ray", "inline")
-
-
-class ConfigError(ValueError):
-    """A build config that cannot be used; the message says which field and what is allowed."""
-
-
-def _check_keys(name: str, given: dict, cls) -> None:
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +58,7 @@ class SourceSpec:
             return cls.parse(data)
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping {{kind, path, ...}} or 'kind:path[:name]', got {data!r}")
-        _check_keys(where, data, cls)
+        check_keys(cls, data, where)
         missing = [k for k in ("kind", "path") if k not in data]
         if missing:
             raise ConfigError(f"{where}: missing required key(s) {missing}")
@@ -108,9 +99,7 @@ class MatcherConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "MatcherConfig":
-        data = dict(data or {})
-        _check_keys("matcher", data, cls)
-        return cls(**data)
+        return from_dict(cls, data, "matcher", typed=False)
 
 
 @dataclass(frozen=True)
@@ -163,7 +152,7 @@ class BuildConfig:
     def from_dict(cls, data: dict) -> "BuildConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a build config is a mapping, got {type(data).__name__}")
-        _check_keys("build config", data, cls)
+        check_keys(cls, data)
         data = dict(data)
         data["sources"] = tuple(SourceSpec.from_dict(s, f"sources[{i}]") for i, s in enumerate(data.get("sources") or ()))
         data["exclude"] = tuple(SourceSpec.from_dict(s, f"exclude[{i}]") for i, s in enumerate(data.get("exclude") or ()))

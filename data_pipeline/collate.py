@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from crystalfm_common.config import check_keys
+
 from data_pipeline.batch import TOKEN_DIM, CrystalBatch
 from data_pipeline.neighbors import NeighborRule, compute_neighbors
 from data_pipeline.record import MAX_Z, SCALAR_LABELS, CrystalRecord, lattice_polar6
@@ -23,9 +25,10 @@ class BatchViews:
     @classmethod
     def from_dict(cls, config: dict | None) -> "BatchViews":
         config = dict(config or {})
+        check_keys(cls, config, "views")
         graph = config.pop("graph", None)
         if isinstance(graph, dict):
-            graph = NeighborRule(**graph)
+            graph = NeighborRule.from_dict(graph)
         return cls(graph=graph, **config)
 
 

@@ -3,20 +3,18 @@
 atoms_per_crystal.png   histogram of atoms per crystal, one bar series per split
 elements_heatmap.png    periodic-table heatmap of how many crystals contain each element (log scale)
 
-Records are read straight from the first shard of a split with `tarfile` and decoded with
+Records are read in shard order with `shard_records.iter_records` (decoded with
 `shard_format.decode_sample` (JSON + safetensors: nothing is unpickled).
 """
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from data_pipeline.manifest import load_manifest, manifest_digest
 from data_pipeline.record import CrystalRecord
-from data_pipeline.shard_format import decode_sample
+from data_pipeline.shard_records import iter_records
 
 
 def inspect_shards(shard_dir: str | Path, records: int = 3, split: str | None = None,
@@ -29,7 +27,7 @@ def inspect_shards(shard_dir: str | Path, records: int = 3, split: str | None = 
     split = split or next((s for s, v in manifest["splits"].items() if v["shards"]), None)
     if split is not None and records > 0:
         out(f"\nfirst {records} record(s) of split {split!r}:")
-        for record in iter_records(shard_dir, manifest, split, limit=records):
+        for record in iter_records(shard_dir, [split], limit=records):
             out("  " + describe_record(record))
     plots = {}
     if plots_dir is not None:
@@ -83,29 +81,6 @@ def summary_lines(manifest: dict, digest: str) -> list[str]:
         lines.append(f"\natoms per crystal: min {n.min()}, median {int(np.median(n))}, max {n.max()}; "
                      f"{len(stats['elements'])} elements")
     return lines
-
-
-def iter_records(shard_dir: Path, manifest: dict, split: str, limit: int | None = None) -> Iterator[CrystalRecord]:
-    """Decode records of one split in shard order (the loader is the fast path; this is for looking)."""
-    produced = 0
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(Path(shard_dir) / shard["file"]) as tar:
-            sample: dict = {}
-            for member in tar:
-                name, _, ext = member.name.partition(".")
-                if sample and sample["__key__"] != name:
-                    yield decode_sample(sample)
-                    produced += 1
-                    if limit is not None and produced >= limit:
-                        return
-                    sample = {}
-                sample["__key__"] = name
-                sample[ext] = tar.extractfile(member).read()
-            if sample:
-                yield decode_sample(sample)
-                produced += 1
-                if limit is not None and produced >= limit:
-                    return
 
 
 def describe_record(record: CrystalRecord) -> str:

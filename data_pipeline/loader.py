@@ -27,6 +27,7 @@ pure function of it.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import math
 import mmap
@@ -40,6 +41,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from crystalfm_common.atomic import write_bytes_atomic
 from data_pipeline.batch import CrystalBatch
 from data_pipeline.collate import BatchViews, collate
 from data_pipeline.record import ARRAY_LABELS, SCALAR_LABELS, CrystalRecord
@@ -296,10 +298,10 @@ def cached_index_shard(path: str, skip_corrupt: bool, cache_dir: str | None) -> 
     index = index_shard(path, skip_corrupt)
     if not index.corrupt:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, names=np.array(index.names, dtype=str), json_span=index.json_span,
+        buffer = io.BytesIO()
+        np.savez(buffer, names=np.array(index.names, dtype=str), json_span=index.json_span,
                  arrays_span=index.arrays_span, num_atoms=index.num_atoms)
-        os.replace(tmp, file)
+        write_bytes_atomic(file, buffer.getvalue())
     return index
 
 

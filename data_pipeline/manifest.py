@@ -57,17 +57,6 @@ def dumps(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode()
 
 
-def write_json_atomic(path: str | Path, data: dict | bytes) -> None:
-    path = Path(path)
-    payload = data if isinstance(data, bytes) else dumps(data)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def shard_files(manifest: dict, split: str, shard_dir: str | Path | None = None) -> list[Path | str]:
     """The shard files of one split (joined to `shard_dir` when given)."""
     if split not in manifest["splits"]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crystalfm_common.config import from_dict as dataclass_from_dict
+
 _LATTICE_SHIFTS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=np.float64)
 
 
@@ -41,7 +43,7 @@ class NeighborRule:
 
     @classmethod
     def from_dict(cls, config: dict | None) -> "NeighborRule | None":
-        return None if config is None else cls(**config)
+        return None if config is None else dataclass_from_dict(cls, config, "graph", typed=False)
 
 
 @dataclass

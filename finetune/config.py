@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from crystalfm_common.config import from_dict as dataclass_from_dict
 
 MODES = ("full", "frozen", "scratch")
 PROBES = ("mlp", "linear")
@@ -22,15 +24,6 @@ def _coerce(config, kind, names) -> None:
             setattr(config, name, kind(float(value)) if kind is int and isinstance(value, str) else kind(value))
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
-def _from_dict(cls, data: dict | None, where: str):
-    data = dict(data or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**data)
 
 
 @dataclass
@@ -94,7 +87,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "FinetuneConfig":
-        return _from_dict(cls, data, "finetune config")
+        return dataclass_from_dict(cls, data, typed=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,7 +127,7 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SweepConfig":
-        config = _from_dict(cls, data, "sweep config")
+        config = dataclass_from_dict(cls, data, typed=False)
         FinetuneConfig.from_dict({**config.train, "encoder": "x"})  # reject bad train keys early
         if config.backend not in ("ray", "serial"):
             raise ValueError(f"sweep backend must be 'ray' or 'serial', got {config.backend!r}")

@@ -25,7 +25,8 @@ from finetune.model_dir import save_model_dir
 from finetune.plots import learning_curve_plot, parity_plot
 from finetune.tasks import get_task
 from finetune.train import FitResult, fit
-from finetune.tracking import Tracker, git_commit
+from crystalfm_common.provenance import git_commit
+from finetune.tracking import Tracker
 
 
 @dataclass

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
+
+from crystalfm_common.provenance import git_commit
+from crystalfm_common.tracking import resolve_tracking_uri
 
 EXPERIMENT_PREFIX = "finetune/"
 MODEL_PREFIX = "crystalfm-"
@@ -24,31 +26,12 @@ SELECT_METRIC = "best_val_mae"
 TAGS = ("task", "target", "unit", "encoder", "encoder_name", "mode", "fraction", "seed")
 
 
-def resolve_tracking_uri(out: str | os.PathLike, tracking_uri: str | None = None) -> str:
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out / 'mlflow.db'}"
-
-
 def experiment_name(task: str) -> str:
     return f"{EXPERIMENT_PREFIX}{task}"
 
 
 def registered_model_name(task: str) -> str:
     return f"{MODEL_PREFIX}{task}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Tracker:
@@ -82,7 +65,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id(task),
             run_name=run_name,
-            tags={**{k: str(v) for k, v in tags.items() if v is not None}, "crystalfm.git_commit": git_commit()},
+            tags={**{k: str(v) for k, v in tags.items() if v is not None}, "crystalfm.git_commit": git_commit() or "unknown"},
         )
         self.run_id = run.info.run_id
         from mlflow.entities import Param

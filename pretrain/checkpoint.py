@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from crystalfm_common.atomic import write_text_atomic
+
 LATEST = "latest"
 META = "meta.json"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -135,7 +137,7 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(self.dir / tmp_tag, final)
-            _atomic_write(self.dir / LATEST, tag)
+            write_text_atomic(self.dir / LATEST, tag)
             self._prune()
         _barrier()
         return self.dir / tag
@@ -170,12 +172,6 @@ class CheckpointManager:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -10,7 +10,6 @@ sha256. Only rank 0 talks to MLflow; other ranks get a `NullTracker`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -20,30 +19,17 @@ from typing import Any
 RUN_ID_FILE = "mlflow_run_id"
 
 
-def resolve_tracking_uri(configured: str, run_root: str | os.PathLike) -> str:
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
-
-
 def artifact_location(run_root: str | os.PathLike) -> str:
     return (Path(run_root).resolve() / "mlartifacts").as_uri()
 
 
 def manifest_sha256(shard_dir: str | os.PathLike | None) -> str | None:
-    """The shard set's digest (data_pipeline's `manifest_digest` when present, else the file's sha256)."""
+    """The shard set's digest (`data_pipeline.manifest.manifest_digest`); None without a shard set."""
     if not shard_dir:
         return None
-    try:
-        from data_pipeline.manifest import manifest_digest
-    except ImportError:  # the builder's module is not there yet: hash the manifest file itself
-        manifest_digest = None
-    if manifest_digest is not None:
-        return manifest_digest(shard_dir)
-    path = Path(shard_dir) / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    from data_pipeline.manifest import manifest_digest
+
+    return manifest_digest(shard_dir)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:

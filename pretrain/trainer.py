@@ -24,7 +24,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,11 +34,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from crystalfm_common.provenance import git_commit
+from crystalfm_common.tracking import resolve_tracking_uri
 from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.config import JobConfig
 from pretrain.distributed import DistInfo, init_distributed
 from pretrain.objectives.base import LossNorm
-from pretrain.tracking import MlflowTracker, NullTracker, manifest_sha256, resolve_tracking_uri
+from pretrain.tracking import MlflowTracker, NullTracker, manifest_sha256
 
 FAULT_ENV = "CRYSTALFM_FAULT"  # "STEP:KILL" or "STEP:TERM": rank 0 sends itself that signal after STEP (tests)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,14 +115,6 @@ def _deep_merge(base: dict, extra: dict) -> dict:
         else:
             base[key] = value
     return base
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def rank_memory_gb(device: torch.device) -> float:
@@ -245,7 +238,7 @@ class Trainer:
         tracking = self.config.tracking
         if not (self.is_main and tracking.mlflow):
             return NullTracker()
-        uri = resolve_tracking_uri(tracking.tracking_uri, self.config.run.root)
+        uri = resolve_tracking_uri(self.config.run.root, tracking.tracking_uri)
         tracker = MlflowTracker(tracking_uri=uri, experiment=tracking.experiment,
                                 run_name=tracking.run_name or self.config.run.name, run_dir=self.run_dir,
                                 run_root=Path(self.config.run.root))

@@ -132,11 +132,11 @@ def test_ray_build_counts_rejects_duplicates_and_groups(small_build):
     assert not (tmp_path / "a" / "_work").exists()
 
     # Every frame of one MPtrj material is in one split.
-    from data_pipeline.inspect_shards import iter_records
+    from data_pipeline.shard_records import iter_records
 
     split_of: dict[str, set] = {}
     for split in m["splits"]:
-        for record in iter_records(tmp_path / "a", m, split):
+        for record in iter_records(tmp_path / "a", [split]):
             if record.source == "mptrj":
                 split_of.setdefault(record.group, set()).add(split)
     assert len(split_of) == 40 and all(len(s) == 1 for s in split_of.values())

@@ -122,9 +122,9 @@ def test_existing_outputs_are_guarded(tmp_path):
 
 
 def test_config_is_typed_and_strict(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['shard_size'\]; allowed keys are"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'shard_size'; did you mean 'shard_bytes'\?"):
         BuildConfig.from_dict({"shard_size": 10})
-    with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) \['dedupe'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'sources\[0\].dedupe'; did you mean 'sources\[0\].dedup'\?"):
         BuildConfig.from_dict({"sources": [{"kind": "mptrj", "path": "x", "dedupe": "exact"}]})
     with pytest.raises(ConfigError, match="dedup must be one of"):
         BuildConfig.from_dict({"sources": [{"kind": "mptrj", "path": "x", "dedup": "fuzzy"}]})
@@ -132,7 +132,7 @@ def test_config_is_typed_and_strict(tmp_path):
         BuildConfig.from_dict({"splits": {"train": 0.9, "val": 0.2}})
     with pytest.raises(ConfigError, match="unique"):
         BuildConfig.from_dict({"sources": ["mptrj:a.json:x", "cdvae_csv:b.csv:x"]})
-    with pytest.raises(ConfigError, match="matcher: unknown key"):
+    with pytest.raises(ConfigError, match="unknown config key 'matcher.ltoll'; did you mean 'matcher.ltol'"):
         BuildConfig.from_dict({"matcher": {"ltoll": 0.1}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("sources: [mptrj:a.json]\nsplit_by: material\n")

@@ -37,7 +37,7 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
     config.write_text("sources: [mptrj:x.json]\nshard_size: 5\n")
     assert main(["build", str(config), "--inline"]) == 2
     err = capsys.readouterr().err
-    assert "c.yaml: build config: unknown key(s) ['shard_size']" in err
+    assert "c.yaml: unknown config key 'shard_size'; did you mean 'shard_bytes'?" in err
     assert main(["build", "--source", "nonsense", "--inline"]) == 2
     assert "expected KIND:PATH[:NAME]" in capsys.readouterr().err
     assert main(["build", "--source", "no_such_kind:x", "--inline", "--out", str(tmp_path / "o")]) == 2

@@ -81,7 +81,7 @@ def test_scratch_without_a_release_needs_an_architecture(tiny_encoder, mp20_task
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown config key"):
         FinetuneConfig.from_dict({"encoder": "x", "learning_rate": 1})
     with pytest.raises(ValueError, match="fraction"):
         FinetuneConfig.from_dict({"encoder": "x", "fraction": 0})
