@@ -1,4 +1,4 @@
-"""CIF → arrays throughput: the gemmi fast path (`data_pipeline.cif_fast`) vs pymatgen's CifParser.
+"""CIF → arrays throughput: the gemmi fast path (`data_pipeline.build.cif_fast`) vs pymatgen's CifParser.
 
 Both parse the same real CIFs (MP-20 validation, MPTS-52, GNoME by_id) on one core in this
 process; the ratio is structures/s of the fast path (with its pymatgen fallbacks counted in) over
@@ -41,8 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="CIFs per data set")
     args = parser.parse_args(argv)
 
-    from data_pipeline.cif_fast import element_tables, parse_cif_pymatgen, parse_p1_cif
-    from data_pipeline.readers._common import arrays_from_cif
+    from data_pipeline.build.cif_fast import element_tables, parse_cif_pymatgen, parse_p1_cif
+    from data_pipeline.build.readers._common import arrays_from_cif
 
     element_tables()  # one-time table build, as in a long-running worker
     sets = load_cifs(args.n)

@@ -57,7 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from data_pipeline.collate import collate
+    from data_pipeline.load.collate import collate
     from finetune.backbone import load_backbone, views_for
     from finetune.config import FinetuneConfig
     from finetune.data import TaskData, load_task_data
@@ -127,7 +127,7 @@ def main() -> None:
         models = load_models(str(model_dir))
         predict_paths(models, [folder], batch_size=args.batch_size)  # warm-up (JIT of amd, allocator)
         table, predict_s = timed(lambda: predict_paths(models, [folder], batch_size=args.batch_size))
-        from data_pipeline.validate import validate
+        from data_pipeline.build.validate import validate
         from finetune.structures import iter_structure_entries
 
         def read_only():

@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.collate import BatchViews  # noqa: E402
-from data_pipeline.loader import ShardLoader  # noqa: E402
-from data_pipeline.neighbors import NeighborRule  # noqa: E402
+from data_pipeline.load.collate import BatchViews  # noqa: E402
+from data_pipeline.load.loader import ShardLoader  # noqa: E402
+from data_pipeline.load.neighbors import NeighborRule  # noqa: E402
 from data_pipeline.record import CrystalRecord  # noqa: E402
 from data_pipeline.shard_format import decode_sample, encode_record  # noqa: E402
 
@@ -99,7 +99,7 @@ def webdataset_default(paths) -> int:
 
 def loader_decode(loader: ShardLoader, fast: bool) -> int:
     """The loader's read + decode path for one epoch's plan, without collating."""
-    from data_pipeline.loader import _ShardReader
+    from data_pipeline.load.loader import _ShardReader
 
     dataset, n = loader.dataset, 0
     dataset.fast_decode = fast

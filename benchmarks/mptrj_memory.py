@@ -26,7 +26,7 @@ SAMPLE = Path(os.environ.get("CRYSTALFM_SHARED_DATA", ROOT.parent / "shared" / "
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from data_pipeline.readers import open_reader
+from data_pipeline.build.readers import open_reader
 mode, path = sys.argv[1], sys.argv[2]
 start = time.perf_counter()
 frames = 0

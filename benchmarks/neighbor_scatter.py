@@ -301,8 +301,8 @@ def _mp20_batch(shared: Path, crystals: int):
 
     from pymatgen.core import Structure
 
-    from data_pipeline.collate import BatchViews, collate
-    from data_pipeline.neighbors import NeighborRule
+    from data_pipeline.load.collate import BatchViews, collate
+    from data_pipeline.load.neighbors import NeighborRule
     from data_pipeline.record import CrystalRecord
 
     records = []

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.neighbors import NeighborRule, _pymatgen_pairs, _vesin_pairs, compute_neighbors  # noqa: E402
+from data_pipeline.load.neighbors import NeighborRule, _pymatgen_pairs, _vesin_pairs, compute_neighbors  # noqa: E402
 
 
 def mp20_cells(n: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -44,9 +44,9 @@ def main() -> None:
 
     from pymatgen.core import Structure
 
-    from data_pipeline import build as build_module
-    from data_pipeline.build_config import BuildConfig
-    from data_pipeline.readers import open_reader
+    from data_pipeline.build import stages as build_module
+    from data_pipeline.build.config import BuildConfig
+    from data_pipeline.build.readers import open_reader
 
     tmp = Path(tempfile.mkdtemp(prefix="raw_to_shard_"))
     try:
@@ -69,7 +69,7 @@ def main() -> None:
 
         baseline = best_rate(lambda: [pickle.dumps(Structure.from_str(c, fmt="cif")) for c in cifs], n, args.repeat)
         from data_pipeline.shard_format import encode_record
-        from data_pipeline.validate import validate
+        from data_pipeline.build.validate import validate
 
         parse_only = best_rate(lambda: [reader.parse(e) for e in entries], n, args.repeat)
         parse_validate = best_rate(lambda: [validate(reader.parse(e)) for e in entries], n, args.repeat)

@@ -28,8 +28,8 @@ def one(workers: int, csv_path: str, out: str, repeat: int) -> float:
     """Run in a child process: start Ray with `workers` CPUs, time the build."""
     import ray
 
-    from data_pipeline.build import build
-    from data_pipeline.build_config import BuildConfig
+    from data_pipeline.build.stages import build
+    from data_pipeline.build.config import BuildConfig
 
     ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR")
     best = float("inf")

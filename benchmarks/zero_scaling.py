@@ -68,7 +68,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT / "tests" / "pretrain"))
-    from data_pipeline.collate import BatchViews, collate
+    from data_pipeline.load.collate import BatchViews, collate
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed
     from pretrain.objectives import build_objective

@@ -33,8 +33,8 @@ def _say(text: str) -> None:
 # ---------------------------------------------------------------------- stages
 def build_shards(work: Path) -> Path:
     try:
-        from data_pipeline.build import build
-        from data_pipeline.build_config import BuildConfig, SourceSpec
+        from data_pipeline.build.stages import build
+        from data_pipeline.build.config import BuildConfig, SourceSpec
         from data_pipeline.sample import sample_sources
     except ImportError as exc:
         raise StageUnavailable(f"data build of the embedded sample is not available yet ({exc})") from None
@@ -76,7 +76,7 @@ def release(checkpoints: Path, out: Path) -> Path:
 def sample_property_csv(work: Path) -> Path:
     """The embedded sample's CDVAE-style CSV as a user fine-tune task: one CIF per crystal plus
     `formation_energy_per_atom.csv` (structure file, value), so the demo needs no downloaded data."""
-    from data_pipeline.readers import Reject, open_reader
+    from data_pipeline.build.readers import Reject, open_reader
     from data_pipeline.sample import sample_sources
 
     source = next(s for s in sample_sources() if s["kind"] == "cdvae_csv")

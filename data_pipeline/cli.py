@@ -12,7 +12,7 @@ examples:
   crystalfm data build --sample --out shards/demo          (the embedded demo sample)
   crystalfm data build configs/data_all.yaml --ray-address auto   (join a running Ray cluster)
 
-Source kinds: cdvae_csv, mp_docs, gnome, mptrj, jarvis, structure_files (see data_pipeline/READERS.md).
+Source kinds: cdvae_csv, mp_docs, gnome, mptrj, jarvis, structure_files (see data_pipeline/build/READERS.md).
 A rerun of an interrupted build resumes; a rerun of a finished one reports it and does nothing.
 """
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from data_pipeline.build_config import BuildConfig, SourceSpec
+    from data_pipeline.build.config import BuildConfig, SourceSpec
 
     config = BuildConfig.from_yaml(args.config) if args.config else BuildConfig()
     sources = list(config.sources)
@@ -101,7 +101,7 @@ def config_from_args(args):
 
 
 def _sample_sources() -> list[dict]:
-    from data_pipeline.build import BuildError
+    from data_pipeline.build.stages import BuildError
 
     try:
         from data_pipeline.sample import sample_sources
@@ -119,8 +119,8 @@ def _sample_sources() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
-        from data_pipeline.build import BuildError, build
-        from data_pipeline.build_config import ConfigError
+        from data_pipeline.build.stages import BuildError, build
+        from data_pipeline.build.config import ConfigError
 
         try:
             build(config_from_args(args), progress=not args.no_progress)

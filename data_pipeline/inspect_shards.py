@@ -14,7 +14,7 @@ import numpy as np
 
 from data_pipeline.manifest import load_manifest, manifest_digest
 from data_pipeline.record import CrystalRecord
-from data_pipeline.shard_records import iter_records
+from data_pipeline.load.shard_records import iter_records
 
 
 def inspect_shards(shard_dir: str | Path, records: int = 3, split: str | None = None,
@@ -84,7 +84,7 @@ def summary_lines(manifest: dict, digest: str) -> list[str]:
 
 
 def describe_record(record: CrystalRecord) -> str:
-    from data_pipeline.dedup import reduced_formula
+    from data_pipeline.record import reduced_formula
 
     labels = ", ".join(f"{k}={v:.4g}" for k, v in record.labels().items())
     arrays = ", ".join(n for n in ("forces", "stress", "magmoms") if getattr(record, n) is not None)
@@ -145,7 +145,7 @@ def periodic_position(z: int) -> tuple[int, int]:
 
 
 def plot_element_heatmap(manifest: dict, path: Path) -> Path:
-    from data_pipeline.dedup import element_symbol
+    from data_pipeline.record import element_symbol
 
     plt = _pyplot()
     from matplotlib.colors import LogNorm

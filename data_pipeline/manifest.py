@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.record import ARRAY_LABELS, SCALAR_LABELS, CrystalRecord
+from data_pipeline.record import ARRAY_LABELS, SCALAR_LABELS, CrystalRecord, element_symbol
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -174,8 +173,6 @@ class ShardStats:
 
     def summary(self) -> dict:
         """The manifest view: histograms keyed by element symbol / atom count, label summaries."""
-        from data_pipeline.dedup import element_symbol
-
         order = [k for k in (*SCALAR_LABELS, *ARRAY_LABELS) if k in self.labels]
         order += sorted(k for k in self.labels if k not in order)
         return {

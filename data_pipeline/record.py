@@ -7,7 +7,10 @@ i.e. MPtrj's VASP kBar times -0.1), magnetic moments in μB.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +38,32 @@ SCALAR_LABELS = ("energy", "energy_per_atom", "formation_energy_per_atom", "e_ab
 ARRAY_LABELS = {"forces": lambda n: (n, 3), "stress": lambda n: (3, 3), "magmoms": lambda n: (n,)}
 
 MAX_Z = 100  # one-hot width of the token view; elements beyond fermium are rejected
+
+
+class RecordError(ValueError):
+    """A raw entry that cannot become a valid record; the message is the reason."""
+
+
+_SYMBOLS: dict[int, str] | None = None
+
+
+def element_symbol(z: int) -> str:
+    global _SYMBOLS
+    if _SYMBOLS is None:
+        from pymatgen.core.periodic_table import Element
+
+        _SYMBOLS = {el.Z: el.symbol for el in Element}
+    return _SYMBOLS.get(int(z), f"Z{int(z)}")
+
+
+def reduced_formula(atomic_numbers: np.ndarray) -> str:
+    """Alphabetical reduced formula ('Fe2O3', 'FeLiO2'); identical for any supercell of a cell."""
+    counts = Counter(np.asarray(atomic_numbers).tolist())  # plain ints: far faster than np.unique here
+    if not counts:
+        return ""
+    divisor = reduce(math.gcd, counts.values())
+    parts = sorted((element_symbol(z), c // divisor) for z, c in counts.items())
+    return "".join(sym if n == 1 else f"{sym}{n}" for sym, n in parts)
 
 
 @dataclass

@@ -127,7 +127,7 @@ def read_samples(path: str | Path) -> list[CrystalRecord]:
     through the data pipeline's own reader; unreadable files are reported on stderr and skipped."""
     import sys
 
-    from data_pipeline.readers import RecordError, Reject, open_reader
+    from data_pipeline.build.readers import RecordError, Reject, open_reader
 
     path = Path(path)
     if (path / "cif").is_dir():

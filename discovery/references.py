@@ -14,12 +14,12 @@ def load_reference_records(path: str | os.PathLike, splits: tuple[str, ...] = ("
     """A shard set (directory with manifest.json: the given splits) or a CDVAE-style CSV of CIFs."""
     path = Path(path)
     if (path / "manifest.json").is_file():
-        from data_pipeline.shard_records import iter_records
+        from data_pipeline.load.shard_records import iter_records
 
         return list(iter_records(path, splits))
     if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
-        from data_pipeline.readers import RecordError, Reject, open_reader
-        from data_pipeline.validate import validate
+        from data_pipeline.build.readers import RecordError, Reject, open_reader
+        from data_pipeline.build.validate import validate
 
         reader = open_reader("cdvae_csv", path)
         records = []

@@ -132,8 +132,8 @@ def _rounds(cfg: RefineConfig, hull, novelty, elemental, jepa, reference_index, 
 
 def finetune_generator(cfg: RefineConfig, generator_dir: str, crystals, round_dir: Path) -> str:
     """Shard the kept crystals, continue training the generator on them, release the result."""
-    from data_pipeline.build import build
-    from data_pipeline.build_config import BuildConfig, SourceSpec
+    from data_pipeline.build.stages import build
+    from data_pipeline.build.config import BuildConfig, SourceSpec
     from discovery.generate import write_samples
     from pretrain.config import JobConfig, load_config
     from pretrain.release import release_checkpoint

@@ -100,7 +100,7 @@ def embed_records(objective, records: Sequence[CrystalRecord], batch_size: int =
     """[n, d] pooled encoder embeddings of records (JEPA: the [CLS] output) in eval mode."""
     import torch
 
-    from data_pipeline.collate import BatchViews, collate
+    from data_pipeline.load.collate import BatchViews, collate
 
     views = BatchViews.from_dict(objective.batch_views())
     encoder = objective.encoder.eval()

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from data_pipeline.neighbors import NeighborRule, compute_neighbors
+from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
 from data_pipeline.record import CrystalRecord
 
 MIN_VOLUME = 0.1  # Å³, for the whole cell (the paper's rule)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.collate import BatchViews
+from data_pipeline.load.collate import BatchViews
 
 
 @dataclass

@@ -7,7 +7,7 @@ Stages (each cheap one runs before the expensive parse, so a 5% run parses 5% of
     select   train: rank by sha256(seed, id), keep the first ceil(fraction × n)  (nested fractions:
              for one seed the 5% set is inside the 10% set); val/test: rank by a fixed hash
              and keep the first `max_eval` when capped
-    parse    reader.parse(entry) → CrystalRecord, data_pipeline.validate → the target value
+    parse    reader.parse(entry) → CrystalRecord, data_pipeline.build.validate → the target value
              attached under the task's label name; failures become rejects (key, location, reason)
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from data_pipeline.readers import RawEntry, RecordError, Reject, open_reader
+from data_pipeline.build.readers import RawEntry, RecordError, Reject, open_reader
 from data_pipeline.record import SCALAR_LABELS, CrystalRecord
 from finetune.structures import iter_structure_entries
 from finetune.tasks import Task, data_root, hash_split, unit_hash, val_test_split
@@ -210,7 +210,7 @@ def _select(buckets, *, fraction, seed, max_train, max_eval) -> dict[str, list[_
 
 
 def _parse_all(task: Task, items: list[_Item], rejects: list[Reject], *, progress: bool, desc: str):
-    from data_pipeline.validate import validate
+    from data_pipeline.build.validate import validate
 
     records = []
     iterator = items

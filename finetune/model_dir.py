@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.collate import BatchViews
+from data_pipeline.load.collate import BatchViews
 from finetune.backbone import rebuild_encoder
 from finetune.heads import PropertyHead, PropertyModel, TargetNormalizer
 

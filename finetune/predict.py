@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from data_pipeline.collate import collate
-from data_pipeline.readers import RecordError, Reject
+from data_pipeline.load.collate import collate
+from data_pipeline.build.readers import RecordError, Reject
 from finetune.model_dir import META, LoadedModel, load_model
 from finetune.structures import iter_structure_entries
 
@@ -106,7 +106,7 @@ def predict_paths(
     models: Sequence[LoadedModel], paths: Iterable[str | Path], *, batch_size: int = 64, device: str = "cpu",
     progress: bool = False,
 ) -> PredictionTable:
-    from data_pipeline.validate import validate
+    from data_pipeline.build.validate import validate
 
     table = PredictionTable(columns=[column_name(m) for m in models])
     chunk: list[tuple] = []

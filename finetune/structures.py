@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from data_pipeline.readers import RawEntry, Reject, open_reader
+from data_pipeline.build.readers import RawEntry, Reject, open_reader
 
 SOURCE = "files"
 
 
 def iter_structure_entries(paths: Iterable[str | Path]) -> Iterator[tuple[object, RawEntry] | Reject]:
     """(reader, entry) per structure found, or a Reject naming the path and what is wrong."""
-    from data_pipeline.readers.structure_files import decode_text, member_stem, structure_format
+    from data_pipeline.build.readers.structure_files import decode_text, member_stem, structure_format
 
     for raw in paths:
         path = Path(raw).expanduser()

@@ -32,7 +32,7 @@ JARVIS_FILE = "jarvis/derived/jarvis_dft_3d_subset_poscar_with_targets.json"
 
 @dataclass(frozen=True)
 class Source:
-    reader: str  # kind for data_pipeline.readers.open_reader
+    reader: str  # kind for data_pipeline.build.readers.open_reader
     path: str  # relative to the data root, or absolute
     split: str  # train | val_test | hash | jarvis | csv
     options: dict = field(default_factory=dict, hash=False)  # reader keyword options

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from finetune.backbone import Backbone, views_for
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData, target_of

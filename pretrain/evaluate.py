@@ -97,8 +97,9 @@ def run_evaluate(args) -> int:
 
 
 def _loader(objective, args):
-    from data_pipeline.collate import BatchViews
-    from data_pipeline.loader import ShardLoader, split_shards
+    from data_pipeline.load.collate import BatchViews
+    from data_pipeline.load.loader import ShardLoader
+    from data_pipeline.load.shard_list import split_shards
 
     views = BatchViews.from_dict(objective.batch_views())
     return ShardLoader(

@@ -156,7 +156,7 @@ class Trainer:
 
     `objective` and `loader` may be passed in (tests, notebooks); otherwise they are built from
     `config.objective` (`pretrain.objectives.build_objective`) and `config.data`
-    (`data_pipeline.loader.ShardLoader`).
+    (`data_pipeline.load.loader.ShardLoader`).
     """
 
     def __init__(self, config: JobConfig, *, objective: torch.nn.Module | None = None, loader=None,
@@ -221,8 +221,9 @@ class Trainer:
         (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
     def _build_loader(self, split: str, mode: str | None = None):
-        from data_pipeline.collate import BatchViews
-        from data_pipeline.loader import ShardLoader, split_shards
+        from data_pipeline.load.collate import BatchViews
+        from data_pipeline.load.loader import ShardLoader
+        from data_pipeline.load.shard_list import split_shards
 
         data = self.config.data
         if not data.shards:

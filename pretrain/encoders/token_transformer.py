@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_pipeline.batch import TOKEN_DIM
+from data_pipeline.load.batch import TOKEN_DIM
 from pretrain.encoders.base import Encoder, register_encoder
 from pretrain.encoders.blocks import model_dtype
 

@@ -31,7 +31,7 @@ def config_to_dict(config: Any) -> dict:
 
 
 def encoder_views(encoder) -> dict:
-    """What the loader must build for `encoder` (see data_pipeline.collate.BatchViews)."""
+    """What the loader must build for `encoder` (see data_pipeline.load.collate.BatchViews)."""
     return {
         "graph": dict(encoder.neighbor_rule) if encoder.needs_graph else None,
         "tokens": bool(encoder.needs_tokens),

@@ -1,4 +1,4 @@
-"""A reader following the `data_pipeline.readers.base.Reader` contract, for build tests that need
+"""A reader following the `data_pipeline.build.readers.base.Reader` contract, for build tests that need
 crafted inputs (supercells, permuted copies, broken rows). Used through the build's
 `package.module:Class` reader kind; Ray workers import it because the tests put this folder on
 PYTHONPATH before starting Ray.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.readers.base import RawEntry, RecordError, Reject
+from data_pipeline.build.readers.base import RawEntry, RecordError, Reject
 from data_pipeline.record import CrystalRecord
 
 KIND = "build_fixture_readers:JsonlReader"

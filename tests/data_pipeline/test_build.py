@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.build import BuildError, build
-from data_pipeline.build_config import BuildConfig
+from data_pipeline.build.stages import BuildError, build
+from data_pipeline.build.config import BuildConfig
 from data_pipeline.manifest import load_manifest, manifest_digest
 
 HERE = Path(__file__).resolve().parent
@@ -132,7 +132,7 @@ def test_ray_build_counts_rejects_duplicates_and_groups(small_build):
     assert not (tmp_path / "a" / "_work").exists()
 
     # Every frame of one MPtrj material is in one split.
-    from data_pipeline.shard_records import iter_records
+    from data_pipeline.load.shard_records import iter_records
 
     split_of: dict[str, set] = {}
     for split in m["splits"]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.build import build
-from data_pipeline.build_config import BuildConfig
+from data_pipeline.build.stages import build
+from data_pipeline.build.config import BuildConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

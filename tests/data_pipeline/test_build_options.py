@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from data_pipeline.build import BuildError, build
-from data_pipeline.build_config import BuildConfig, ConfigError, SourceSpec
+from data_pipeline.build.stages import BuildError, build
+from data_pipeline.build.config import BuildConfig, ConfigError, SourceSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_fixture_readers import KIND, crafted_rows, structure_row, write_jsonl  # noqa: E402
@@ -157,7 +157,7 @@ def test_tar_writer_is_deterministic_and_matches_tarfile(tmp_path):
     import io
     import tarfile
 
-    from data_pipeline.shard_writer import DeterministicTarWriter, _tarinfo, ustar_header
+    from data_pipeline.build.shard_writer import DeterministicTarWriter, _tarinfo, ustar_header
 
     for name, size in [("a.json", 0), ("mp20:mp-1234.safetensors", 12345), ("x" * 100, 8**11 - 1)]:
         assert ustar_header(name.encode(), size) == _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
@@ -187,7 +187,7 @@ def test_tar_writer_is_deterministic_and_matches_tarfile(tmp_path):
 def test_crash_in_write_stage_resumes_without_redoing_work(tmp_path, monkeypatch):
     """A build that dies inside the write stage resumes: parsed chunks, structural-match results and finished
     shards are reused (not rewritten), and the result equals an uninterrupted build."""
-    import data_pipeline.build as build_module
+    import data_pipeline.build.stages as build_module
 
     path = write_jsonl(tmp_path / "c.jsonl", crafted_rows() * 1)
     data = {"sources": [{"kind": KIND, "path": str(path), "name": "c", "dedup": "structural"}],

@@ -9,11 +9,11 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline.cif_fast import parse_cif_pymatgen, parse_p1_cif
-from data_pipeline.readers._common import arrays_from_cif, arrays_from_structure
-from data_pipeline.readers.base import RecordError
+from data_pipeline.build.cif_fast import parse_cif_pymatgen, parse_p1_cif
+from data_pipeline.build.readers._common import arrays_from_cif, arrays_from_structure
+from data_pipeline.build.readers.base import RecordError
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import validate
+from data_pipeline.build.validate import validate
 
 CSV_FILES = ["mp_20/train.csv.gz", "mp_20/val.csv.gz", "perov_5/val.csv", "carbon_24/val.csv", "mpts_52/val.csv.gz"]
 
@@ -148,7 +148,7 @@ def test_fallback_cases(mp20_cifs, case):
 
 
 def test_fast_path_can_be_disabled(mp20_cifs, monkeypatch):
-    import data_pipeline.readers._common as common
+    import data_pipeline.build.readers._common as common
 
     monkeypatch.setattr(common, "parse_p1_cif", lambda text: pytest.fail("fast path used"))
     arrays_from_cif(mp20_cifs[1], fast=False)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.batch import TOKEN_DIM
-from data_pipeline.collate import BatchViews, collate, pdd_features
-from data_pipeline.neighbors import NeighborRule, compute_neighbors
+from data_pipeline.load.batch import TOKEN_DIM
+from data_pipeline.load.collate import BatchViews, collate, pdd_features
+from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
 from data_pipeline.record import MAX_Z, CrystalRecord, lattice_polar6
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from data_pipeline.build_config import MatcherConfig
-from data_pipeline.dedup import Candidate, exact_fingerprint, match_bucket, reduced_formula, space_group_number
+from data_pipeline.build.config import MatcherConfig
+from data_pipeline.build.dedup import Candidate, exact_fingerprint, match_bucket, space_group_number
+from data_pipeline.record import reduced_formula
 from data_pipeline.record import CrystalRecord
 
 

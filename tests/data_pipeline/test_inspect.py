@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.build import build
-from data_pipeline.build_config import BuildConfig
+from data_pipeline.build.stages import build
+from data_pipeline.build.config import BuildConfig
 from data_pipeline.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

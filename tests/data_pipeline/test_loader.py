@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews
-from data_pipeline.loader import ShardCorruptError, ShardLoader, pack_by_atoms, split_shards
-from data_pipeline.neighbors import NeighborRule
+from data_pipeline.load.collate import BatchViews
+from data_pipeline.load.epoch_plan import pack_by_atoms
+from data_pipeline.load.loader import ShardLoader
+from data_pipeline.load.shard_list import split_shards
+from data_pipeline.load.tar_index import ShardCorruptError
+from data_pipeline.load.neighbors import NeighborRule
 from data_pipeline.record import CrystalRecord
 from data_pipeline.shard_format import encode_record
 
@@ -265,7 +268,7 @@ def test_stats_and_dtype(shard_set):
 
 
 def test_fast_decode_equals_decode_sample(shard_set, tmp_path):
-    from data_pipeline.loader import decode_fast
+    from data_pipeline.shard_format import decode_fast
     from data_pipeline.shard_format import decode_sample
 
     _, _, records = shard_set

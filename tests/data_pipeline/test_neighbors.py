@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.neighbors import NeighborRule, compute_neighbors
+from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
 
 BACKENDS = ("pymatgen", "vesin")
 

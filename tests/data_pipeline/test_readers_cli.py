@@ -1,7 +1,7 @@
-"""`python -m data_pipeline.readers KIND PATH`: a pre-build check of one raw source."""
+"""`python -m data_pipeline.build.readers KIND PATH`: a pre-build check of one raw source."""
 from __future__ import annotations
 
-from data_pipeline.readers.__main__ import main
+from data_pipeline.build.readers.__main__ import main
 
 
 def test_check_counts_rejects_by_code(shared_data, capsys):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from data_pipeline.readers._jsonstream import JsonStream, Malformed, Truncated, iter_array, iter_documents, iter_object
+from data_pipeline.build.readers._jsonstream import JsonStream, Malformed, Truncated, iter_array, iter_documents, iter_object
 
 
 def walk_nested(text: str, chunk: int) -> list[tuple[str, str, object]]:

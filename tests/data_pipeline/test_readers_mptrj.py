@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline.readers import open_reader
-from data_pipeline.readers.base import RawEntry, RecordError, Reject
-from data_pipeline.validate import reason_code, validate
+from data_pipeline.build.readers import open_reader
+from data_pipeline.build.readers.base import RawEntry, RecordError, Reject
+from data_pipeline.build.validate import reason_code, validate
 
 # bad file → the reject code its one defect must produce
 EXPECTED_CODE = {

@@ -13,9 +13,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from data_pipeline.readers import available_readers, open_reader
-from data_pipeline.readers.base import RawEntry, RecordError, Reject
-from data_pipeline.validate import reason_code, validate
+from data_pipeline.build.readers import available_readers, open_reader
+from data_pipeline.build.readers.base import RawEntry, RecordError, Reject
+from data_pipeline.build.validate import reason_code, validate
 
 NUMERIC_LOOKING_IDS = ("0952432756", "21e1799121", "70960736e3")
 

@@ -92,7 +92,7 @@ def test_gnome_layout(sources):
 
 
 def test_every_source_reads_through_the_project_readers(sources):
-    readers = pytest.importorskip("data_pipeline.readers")
+    readers = pytest.importorskip("data_pipeline.build.readers")
     available = readers.available_readers()
     total = 0
     for kind, spec in sources.items():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from data_pipeline.split import assign_split, split_group, unit_hash
+from data_pipeline.build.split import assign_split, split_group, unit_hash
 
 FRACTIONS = {"train": 0.9, "val": 0.05, "test": 0.05}
 
@@ -27,7 +27,7 @@ def test_zero_fraction_split_gets_nothing_and_one_split_gets_all():
 
 
 def test_mptrj_frames_of_one_material_share_a_split(shared_data):
-    from data_pipeline.readers import RawEntry, open_reader
+    from data_pipeline.build.readers import RawEntry, open_reader
 
     reader = open_reader("mptrj", shared_data / "derived_layouts" / "mptrj" / "MPtrj_sample.json.gz")
     by_material: dict[str, set] = {}

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import data_pipeline.validate as validate_module
-from data_pipeline.readers.base import RecordError
+import data_pipeline.build.validate as validate_module
+from data_pipeline.build.readers.base import RecordError
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import REJECT_CODES, as_float, reason_code, reject, validate
+from data_pipeline.build.validate import REJECT_CODES, as_float, reason_code, reject, validate
 
 
 def rock_salt(**changes) -> CrystalRecord:

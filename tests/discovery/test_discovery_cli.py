@@ -24,7 +24,7 @@ JEPA = {"name": "jepa", "encoder": {"name": "jepa_transformer", "width": 32, "nu
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, mp20_records, shared_data):
     root = tmp_path_factory.mktemp("discovery")
-    from data_pipeline.collate import collate
+    from data_pipeline.load.collate import collate
 
     torch.manual_seed(0)
     ddpm = build_objective(DDPM)

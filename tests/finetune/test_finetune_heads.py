@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from data_pipeline.collate import collate
+from data_pipeline.load.collate import collate
 from finetune.heads import AttentionReadout, PropertyHead, PropertyModel, TargetNormalizer
 
 

@@ -49,7 +49,7 @@ def test_run_is_tagged_logged_and_registered(tmp_path, release_dir, mp20_task_da
     assert version.run_id == outcome.run_id and outcome.registered["changed"]
 
     # the registered model predicts from its URI, self-contained
-    from data_pipeline.collate import collate
+    from data_pipeline.load.collate import collate
     from finetune.predict import load_models
 
     (loaded,) = load_models("models:/crystalfm-mp20_formation_energy_per_atom@best", tracker.uri)

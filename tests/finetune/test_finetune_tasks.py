@@ -88,7 +88,7 @@ def test_user_csv_task_keeps_going_past_bad_rows(shared_data, tmp_path):
 
 
 def test_export_split_round_trips_through_the_structure_reader(shared_data, tmp_path):
-    from data_pipeline.readers import open_reader
+    from data_pipeline.build.readers import open_reader
     from finetune.data import export_split
 
     task = get_task("jarvis_slme")

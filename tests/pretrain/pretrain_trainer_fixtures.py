@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from pretrain.objectives.base import Objective
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.collate import collate
+from data_pipeline.load.collate import collate
 from pretrain.objectives import build_objective
 from pretrain.objectives.dit import pad_atoms
 

@@ -1,7 +1,7 @@
 """Invariances of the periodic graph encoders (pddformer, matformer) on real MP-20 crystals.
 
 Each test transforms the records, rebuilds the batch through the real loader path
-(`data_pipeline.collate.collate` → vesin kNN graph, amd PDD rows) and compares per-atom latents and
+(`data_pipeline.load.collate.collate` → vesin kNN graph, amd PDD rows) and compares per-atom latents and
 per-crystal readouts with the untransformed batch, in float64 and eval mode.
 
 An honest exception: a k-nearest-neighbour graph is not a function of the crystal when several
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
-from data_pipeline.neighbors import NeighborRule, compute_neighbors
+from data_pipeline.load.collate import BatchViews, collate
+from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
 from pretrain.encoders.base import build_encoder
 
 SMALL = {

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
-from data_pipeline.neighbors import NeighborRule, compute_neighbors
+from data_pipeline.load.collate import BatchViews, collate
+from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
 from pretrain.encoders.base import Encoder, available_encoders, build_encoder
 
 SMALL = {

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from pretrain.encoders.base import build_encoder
 
 SMALL = {"name": "jepa_transformer", "width": 32, "num_layers": 2, "heads": 4}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipeline.shard_format import encode_record
-from data_pipeline.shard_writer import write_tar
+from data_pipeline.build.shard_writer import write_tar
 from pretrain.evaluate import energy_distance_correlation
 from pretrain.objectives import build_objective
 from pretrain.release import save_release

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from data_pipeline.record import CrystalRecord
 from pretrain.objectives import build_objective
 from pretrain.objectives.augment import augment_batch, random_context, random_permutation

@@ -183,8 +183,8 @@ def test_attention_is_softmax_weighted_mean_of_values():
 
 @pytest.fixture(scope="module")
 def mp20_graph(mp20_records):
-    from data_pipeline.collate import BatchViews, collate
-    from data_pipeline.neighbors import NeighborRule
+    from data_pipeline.load.collate import BatchViews, collate
+    from data_pipeline.load.neighbors import NeighborRule
 
     batch = collate(mp20_records, BatchViews(graph=NeighborRule()))
     return CSRGraph.from_batch(batch).validate()
@@ -201,8 +201,8 @@ def test_cpu_backends_match_native_on_mp20(mp20_graph, backend, op):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.skipif(not triton_backend.available("cpu"), reason="triton kernels need TRITON_INTERPRET=1 on CPU")
 def test_triton_matches_native_on_mp20(mp20_records, op):
-    from data_pipeline.collate import BatchViews, collate
-    from data_pipeline.neighbors import NeighborRule
+    from data_pipeline.load.collate import BatchViews, collate
+    from data_pipeline.load.neighbors import NeighborRule
 
     # two crystals only: the interpreter runs each program in Python
     graph = CSRGraph.from_batch(collate(mp20_records[:2], BatchViews(graph=NeighborRule()))).validate()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from pretrain.objectives import LossNorm, build_objective
 from pretrain.release import load_pretrained, save_release
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from pretrain.objectives import LossNorm, build_objective
 
 MATFORMER = {"name": "matformer", "width": 32, "num_layers": 2, "heads": 2}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from data_pipeline.collate import collate
+from data_pipeline.load.collate import collate
 from pretrain.config import load_config
 from pretrain_trainer_fixtures import LinearEnergy, ListLoader, register
 

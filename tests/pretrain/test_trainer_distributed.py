@@ -118,7 +118,7 @@ def _tail(path: Path) -> str:
 def test_two_node_rendezvous_gradient_equals_single_process(runs):
     from safetensors.torch import load_file
 
-    from data_pipeline.collate import collate
+    from data_pipeline.load.collate import collate
     from pretrain_trainer_fixtures import LinearEnergy, load_mp20
 
     assert runs["rc"]["grads"] == [0, 0], _tail(runs["tmp"] / "grads0.log") + _tail(runs["tmp"] / "grads1.log")
@@ -189,7 +189,7 @@ def test_release_round_trip_and_registry(runs):
     import mlflow
     from safetensors.torch import load_file
 
-    from data_pipeline.collate import collate
+    from data_pipeline.load.collate import collate
     from pretrain.release import load_pretrained, release_checkpoint, release_id
     from pretrain_trainer_fixtures import load_mp20, register
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collate import collate
+from data_pipeline.load.collate import collate
 from pretrain.config import load_config
 from pretrain_trainer_fixtures import LinearEnergy, ListLoader
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from pretrain.objectives import LossNorm, build_objective
 from pretrain.objectives.geometry import random_rotation
 from pretrain.objectives.irreducible import orientation_closed_form, orientation_monte_carlo, random_rotations

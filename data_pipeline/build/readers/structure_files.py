@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from data_pipeline.readers import register_reader
-from data_pipeline.readers._archive import TRUNCATED, container_label, iter_members
-from data_pipeline.readers._common import arrays_from_cif, arrays_from_poscar, make_record, source_name_from_path
-from data_pipeline.readers.base import RawEntry, Reject
+from data_pipeline.build.readers import register_reader
+from data_pipeline.build.readers._archive import TRUNCATED, container_label, iter_members
+from data_pipeline.build.readers._common import arrays_from_cif, arrays_from_poscar, make_record, source_name_from_path
+from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import reject
+from data_pipeline.build.validate import reject
 
 
 def structure_format(member: str) -> str | None:

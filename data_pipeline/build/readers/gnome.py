@@ -30,11 +30,11 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.readers import register_reader
-from data_pipeline.readers._archive import container_label, iter_members
-from data_pipeline.readers._common import arrays_from_cif, csv_float, make_record, open_text
-from data_pipeline.readers.base import RawEntry, Reject
-from data_pipeline.readers.structure_files import decode_text, member_stem
+from data_pipeline.build.readers import register_reader
+from data_pipeline.build.readers._archive import container_label, iter_members
+from data_pipeline.build.readers._common import arrays_from_cif, csv_float, make_record, open_text
+from data_pipeline.build.readers.base import RawEntry, Reject
+from data_pipeline.build.readers.structure_files import decode_text, member_stem
 from data_pipeline.record import CrystalRecord
 
 # normalised column name → (record field | "properties.<name>")

@@ -14,11 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
-from data_pipeline.record import CrystalRecord
-
-
-class RecordError(ValueError):
-    """A raw entry that cannot become a valid record; the message is the reason."""
+from data_pipeline.record import CrystalRecord, RecordError  # noqa: F401 (readers raise it)
 
 
 @dataclass(frozen=True)

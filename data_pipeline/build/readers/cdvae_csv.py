@@ -25,11 +25,11 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.readers import register_reader
-from data_pipeline.readers._common import arrays_from_cif, csv_float, make_record, open_text, source_name_from_path
-from data_pipeline.readers.base import RawEntry, RecordError, Reject
+from data_pipeline.build.readers import register_reader
+from data_pipeline.build.readers._common import arrays_from_cif, csv_float, make_record, open_text, source_name_from_path
+from data_pipeline.build.readers.base import RawEntry, RecordError, Reject
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import reject
+from data_pipeline.build.validate import reject
 
 LABEL_COLUMNS = {
     "formation_energy_per_atom": "formation_energy_per_atom",

@@ -18,36 +18,11 @@ The same matching excludes benchmark test-set structures (`exclude` sources) fro
 from __future__ import annotations
 
 import hashlib
-import math
-from collections import Counter
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 
 from data_pipeline.record import CrystalRecord
-
-_SYMBOLS: dict[int, str] | None = None
-
-
-def element_symbol(z: int) -> str:
-    global _SYMBOLS
-    if _SYMBOLS is None:
-        from pymatgen.core.periodic_table import Element
-
-        _SYMBOLS = {el.Z: el.symbol for el in Element}
-    return _SYMBOLS.get(int(z), f"Z{int(z)}")
-
-
-def reduced_formula(atomic_numbers: np.ndarray) -> str:
-    """Alphabetical reduced formula ('Fe2O3', 'FeLiO2'); identical for any supercell of a cell."""
-    counts = Counter(np.asarray(atomic_numbers).tolist())  # plain ints: far faster than np.unique here
-    if not counts:
-        return ""
-    divisor = reduce(math.gcd, counts.values())
-    parts = sorted((element_symbol(z), c // divisor) for z, c in counts.items())
-    return "".join(sym if n == 1 else f"{sym}{n}" for sym, n in parts)
-
 
 def exact_fingerprint(record: CrystalRecord, length_decimals: int = 4, frac_decimals: int = 5) -> str:
     """sha256 over the rounded lattice and the sorted, rounded (Z, frac) rows (32 hex chars)."""

@@ -1,8 +1,8 @@
 """Check a raw source before a build: scan, parse and validate it, and count rejects by code.
 
-    python -m data_pipeline.readers KIND PATH [--option key=value ...] [--limit N] [--show 3]
+    python -m data_pipeline.build.readers KIND PATH [--option key=value ...] [--limit N] [--show 3]
 
-Example: `python -m data_pipeline.readers mptrj MPtrj_2022.9_full.json.gz --limit 100000`.
+Example: `python -m data_pipeline.build.readers mptrj MPtrj_2022.9_full.json.gz --limit 100000`.
 Prints the accepted count, rejects by code with the first few keys and reasons each, and exits 0
 (rejects are data, not errors); an unknown kind or a missing path exits 2 with the reason.
 """
@@ -13,8 +13,8 @@ import collections
 import json
 import sys
 
-from data_pipeline.readers import available_readers, open_reader
-from data_pipeline.readers.base import RecordError, Reject
+from data_pipeline.build.readers import available_readers, open_reader
+from data_pipeline.build.readers.base import RecordError, Reject
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -31,7 +31,7 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.readers", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.build.readers", description=__doc__.split("\n")[0])
     parser.add_argument("kind", help=f"one of {available_readers()}")
     parser.add_argument("path")
     parser.add_argument("--option", action="append", default=[], help="reader option key=value (repeatable)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from data_pipeline.validate import reason_code, validate
+    from data_pipeline.build.validate import reason_code, validate
 
     try:
         reader = open_reader(args.kind, args.path, **parse_options(args.option))

@@ -24,12 +24,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_pipeline.readers import register_reader
-from data_pipeline.readers._common import arrays_from_structure_dict, make_record, open_text, optional_float, site_magmoms
-from data_pipeline.readers._jsonstream import JsonStream, Malformed, Truncated, iter_documents, iter_object
-from data_pipeline.readers.base import RawEntry, Reject
+from data_pipeline.build.readers import register_reader
+from data_pipeline.build.readers._common import arrays_from_structure_dict, make_record, open_text, optional_float, site_magmoms
+from data_pipeline.build.readers._jsonstream import JsonStream, Malformed, Truncated, iter_documents, iter_object
+from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import reject
+from data_pipeline.build.validate import reject
 
 SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 

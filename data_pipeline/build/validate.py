@@ -35,8 +35,7 @@ import numbers
 
 import numpy as np
 
-from data_pipeline.readers.base import RecordError
-from data_pipeline.record import ARRAY_LABELS, MAX_Z, SCALAR_LABELS, CrystalRecord
+from data_pipeline.record import ARRAY_LABELS, MAX_Z, SCALAR_LABELS, CrystalRecord, RecordError
 
 REJECT_CODES: dict[str, str] = {
     "unparsable": "the raw text or document could not be parsed",

@@ -7,7 +7,7 @@ import os
 import tarfile
 from typing import Iterable, Iterator
 
-from data_pipeline.loader import split_shards
+from data_pipeline.load.shard_list import split_shards
 from data_pipeline.record import CrystalRecord
 from data_pipeline.shard_format import decode_sample
 

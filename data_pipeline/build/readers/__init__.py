@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from data_pipeline.readers.base import RawEntry, Reader, RecordError, Reject
+from data_pipeline.build.readers.base import RawEntry, Reader, RecordError, Reject
 
 _READERS: dict[str, Callable[..., Reader]] = {}
 
@@ -35,11 +35,11 @@ def _import_builtin() -> None:
     import importlib
     import pkgutil
 
-    import data_pipeline.readers as package
+    import data_pipeline.build.readers as package
 
     for info in pkgutil.iter_modules(package.__path__):
         if info.name != "base":
-            importlib.import_module(f"data_pipeline.readers.{info.name}")
+            importlib.import_module(f"data_pipeline.build.readers.{info.name}")
 
 
 __all__ = ["RawEntry", "Reader", "RecordError", "Reject", "open_reader", "register_reader", "available_readers"]

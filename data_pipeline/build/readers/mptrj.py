@@ -25,18 +25,18 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.readers import register_reader
-from data_pipeline.readers._common import (
+from data_pipeline.build.readers import register_reader
+from data_pipeline.build.readers._common import (
     array_label,
     arrays_from_structure_dict,
     make_record,
     open_text,
     optional_float,
 )
-from data_pipeline.readers._jsonstream import JsonStream, Malformed, Truncated, iter_object
-from data_pipeline.readers.base import RawEntry, Reject
+from data_pipeline.build.readers._jsonstream import JsonStream, Malformed, Truncated, iter_object
+from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import reject
+from data_pipeline.build.validate import reject
 
 KBAR_TO_GPA_CHGNET = -0.1  # VASP kBar (positive = compressive) → GPa (positive = tensile)
 _REQUIRED = ("structure", "energy_per_atom", "force", "stress")

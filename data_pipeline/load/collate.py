@@ -9,8 +9,8 @@ import torch
 
 from crystalfm_common.config import check_keys
 
-from data_pipeline.batch import TOKEN_DIM, CrystalBatch
-from data_pipeline.neighbors import NeighborRule, compute_neighbors
+from data_pipeline.load.batch import TOKEN_DIM, CrystalBatch
+from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
 from data_pipeline.record import MAX_Z, SCALAR_LABELS, CrystalRecord, lattice_polar6
 
 

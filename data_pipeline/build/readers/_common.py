@@ -1,7 +1,7 @@
 """Parsing pieces the readers share: CIF / POSCAR / pymatgen-dict → record, labels, file walking.
 
 Every failure is raised as `RecordError("<code>: <detail>")` with a code from
-`data_pipeline.validate.REJECT_CODES`.
+`data_pipeline.build.validate.REJECT_CODES`.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from data_pipeline.cif_fast import element_tables, parse_cif_pymatgen, parse_p1_cif
-from data_pipeline.readers.base import RecordError
+from data_pipeline.build.cif_fast import element_tables, parse_cif_pymatgen, parse_p1_cif
+from data_pipeline.build.readers.base import RecordError
 from data_pipeline.record import MAX_Z, CrystalRecord
-from data_pipeline.validate import as_float, reject
+from data_pipeline.build.validate import as_float, reject
 
 # ------------------------------------------------------------------------------------------ labels
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data_pipeline.build_config import BuildConfig, SourceSpec
+from data_pipeline.build.config import BuildConfig, SourceSpec
 from data_pipeline.manifest import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
@@ -44,7 +44,7 @@ from data_pipeline.manifest import (
 )
 from crystalfm_common.atomic import write_bytes_atomic
 from crystalfm_common.provenance import REPO_ROOT, git_commit, git_dirty, package_version
-from data_pipeline.shard_writer import BlobWriter, DeterministicTarWriter, read_members, sample_tar_bytes
+from data_pipeline.build.shard_writer import BlobWriter, DeterministicTarWriter, read_members, sample_tar_bytes
 
 WORK_DIR = "_work"
 REJECTS_NAME = "rejects.jsonl"
@@ -287,6 +287,45 @@ class InlineExecutor:
         return handle
 
 
+def run_resumable(ex, jobs, consume: Callable, *, desc: str, unit: str, progress: bool, window: int | None = None) -> int:
+    """The loop every stage shares: reuse by digest or submit, then drain.
+
+    jobs: (tag, finished result or None, task function, task args); a job whose result was found
+    on disk (same digest) is not run again. `consume(tag, result)` sees the results in job order.
+    window: a streaming stage keeps at most this many unconsumed jobs (it waits on the oldest
+    beyond that, so a long scan never holds every chunk in memory); None submits all first.
+    Returns how many jobs were reused."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs) if isinstance(jobs, list) else None, desc=desc, unit=unit, disable=not progress,
+               dynamic_ncols=True)
+    in_flight: deque = deque()  # (tag, done, result or task handle)
+    reused = 0
+
+    def consume_ready(drain: bool) -> None:
+        while in_flight:
+            tag, done, value = in_flight[0]
+            if not done:
+                if not (drain or len(in_flight) >= window) and not ex.ready(value):
+                    return
+                value = ex.get(value)
+            in_flight.popleft()
+            consume(tag, value)
+            bar.update(1)
+
+    for tag, result, fn, args in jobs:
+        if result is not None:
+            reused += 1
+            in_flight.append((tag, True, result))
+        else:
+            in_flight.append((tag, False, ex.submit(fn, *args)))
+        if window is not None:
+            consume_ready(drain=False)
+    consume_ready(drain=True)
+    bar.close()
+    return reused
+
+
 # ---------------------------------------------------------------------------- 2. parse
 def _chunks(state: BuildState, log) -> Iterator[tuple[int, int, list]]:
     """(source index, chunk number, entries) over every source's scan, in order."""
@@ -304,7 +343,7 @@ def _chunks(state: BuildState, log) -> Iterator[tuple[int, int, list]]:
             except StopIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - a reader that dies mid-scan loses the rest, loudly
-                from data_pipeline.readers import Reject
+                from data_pipeline.build.readers import Reject
 
                 reason = f"unparsable: scan of {spec.path} stopped after {number * size + len(chunk)} entries ({type(exc).__name__}: {exc})"
                 log(f"warning: source {spec.name!r}: {reason}")
@@ -326,40 +365,16 @@ def _entries_digest(items: list) -> str:
 
 
 def parse_stage(state: BuildState, progress: bool, log) -> None:
-    from tqdm.auto import tqdm
-
-    ex = state.executor
-    limit = 2 * ex.parallelism + 1
-    in_flight: deque = deque()  # (src, chunk path, ObjectRef | dict)
-    bar = tqdm(desc="parse (chunks)", unit="chunk", disable=not progress, dynamic_ncols=True)
-    reused = 0
-
-    def consume(drain: bool) -> None:
-        """Absorb finished chunks in order; wait on the oldest while too many are in flight."""
-        while in_flight:
-            src, path, ref = in_flight[0]
-            if not isinstance(ref, dict):
-                if not (drain or len(in_flight) >= limit) and not ex.ready(ref):
-                    return
-                ref = ex.get(ref)
-            in_flight.popleft()
-            _absorb_chunk(state, src, path, ref)
-            bar.update(1)
-
-    for src, number, items in _chunks(state, log):
-        spec = state.specs[src]
-        path = state.work / "chunks" / f"{src:03d}-{number:07d}"
-        digest = _entries_digest(items)
-        index = _load_chunk_index(path, digest)
-        if index is not None:
-            reused += 1
-            in_flight.append((src, str(path), index))
-        else:
+    def jobs():
+        for src, number, items in _chunks(state, log):
+            spec = state.specs[src]
+            path = state.work / "chunks" / f"{src:03d}-{number:07d}"
+            digest = _entries_digest(items)
             source = {"kind": spec.kind, "path": spec.path, "options": spec.options, "name": spec.name}
-            in_flight.append((src, str(path), ex.submit(parse_chunk, source, items, str(path), digest)))
-        consume(drain=False)
-    consume(drain=True)
-    bar.close()
+            yield (src, str(path)), _load_chunk_index(path, digest), parse_chunk, (source, items, str(path), digest)
+
+    reused = run_resumable(state.executor, jobs(), lambda tag, index: _absorb_chunk(state, *tag, index),
+                           desc="parse (chunks)", unit="chunk", progress=progress, window=2 * state.executor.parallelism + 1)
     if reused:
         log(f"resumed: {reused} chunk(s) were already parsed")
 
@@ -403,7 +418,7 @@ def open_reader(kind: str, path: str, **options):
 
         module, _, attr = kind.partition(":")
         return getattr(importlib.import_module(module), attr)(path, **options)
-    from data_pipeline.readers import open_reader as open_registered
+    from data_pipeline.build.readers import open_reader as open_registered
 
     return open_registered(kind, path, **options)
 
@@ -421,7 +436,7 @@ def _worker_reader(source: dict):
 
 def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
     """Ray task: parse + validate + encode one chunk; writes `<path>.bin` then `<path>.json`."""
-    from data_pipeline.readers import Reject
+    from data_pipeline.build.readers import Reject
 
     reader = _worker_reader(source)
     out_items = []
@@ -445,10 +460,11 @@ def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
 
 def process_entry(reader, entry) -> tuple[dict, list] | str:
     """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms]) or a reason."""
-    from data_pipeline.dedup import exact_fingerprint, reduced_formula
-    from data_pipeline.readers import RecordError
+    from data_pipeline.build.dedup import exact_fingerprint
+    from data_pipeline.record import reduced_formula
+    from data_pipeline.build.readers import RecordError
     from data_pipeline.shard_format import encode_record
-    from data_pipeline.validate import validate
+    from data_pipeline.build.validate import validate
 
     try:
         record = reader.parse(entry)
@@ -521,8 +537,6 @@ def dedup_stage(state: BuildState, progress: bool, log) -> None:
 
 def structural_matches(state: BuildState, survivors: list[RecordMeta], progress: bool, log) -> list[tuple[str, str, str]]:
     """Bucket by reduced formula; run StructureMatcher tasks only on buckets that need them."""
-    from tqdm.auto import tqdm
-
     config = state.config
     ex = state.executor
     check_exclude = config.exclude_match == "structural" and bool(state.refs)
@@ -556,7 +570,7 @@ def structural_matches(state: BuildState, survivors: list[RecordMeta], progress:
         return []
 
     matcher = config.matcher
-    results, pending = [], []
+    jobs = []
     for number, batch in enumerate(batches):
         path = state.work / "buckets" / f"{number:07d}.json"
         payload = [
@@ -565,16 +579,12 @@ def structural_matches(state: BuildState, survivors: list[RecordMeta], progress:
             for _, members in batch
         ]
         digest = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-        if path.exists() and json.loads(path.read_bytes()).get("digest") == digest:
-            pending.append(json.loads(path.read_bytes()))
-        else:
-            pending.append(ex.submit(match_buckets, payload, _asdict(matcher), check_exclude, str(path), digest))
-    bar = tqdm(total=len(pending), desc="dedup (formula buckets)", unit="batch", disable=not progress, dynamic_ncols=True)
-    for item in pending:
-        result = item if isinstance(item, dict) else ex.get(item)
-        results.extend(tuple(x) for x in result["dropped"])
-        bar.update(1)
-    bar.close()
+        done = json.loads(path.read_bytes()) if path.exists() else None
+        done = done if done is not None and done.get("digest") == digest else None
+        jobs.append((number, done, match_buckets, (payload, _asdict(matcher), check_exclude, str(path), digest)))
+    results: list[tuple[str, str, str]] = []
+    run_resumable(ex, jobs, lambda _, result: results.extend(tuple(x) for x in result["dropped"]),
+                  desc="dedup (formula buckets)", unit="batch", progress=progress)
     return results
 
 
@@ -586,8 +596,8 @@ def _asdict(obj) -> dict:
 
 def match_buckets(payload: list, matcher: dict, check_exclude: bool, path: str, digest: str) -> dict:
     """Ray task: StructureMatcher within each bucket; writes its result file for resume."""
-    from data_pipeline.build_config import MatcherConfig
-    from data_pipeline.dedup import Candidate, match_bucket
+    from data_pipeline.build.config import MatcherConfig
+    from data_pipeline.build.dedup import Candidate, match_bucket
     from data_pipeline.shard_format import decode_sample
 
     matcher_cfg = MatcherConfig(**matcher)
@@ -608,7 +618,7 @@ def match_buckets(payload: list, matcher: dict, check_exclude: bool, path: str, 
 
 # ---------------------------------------------------------------------------- 4. split
 def split_stage(state: BuildState) -> None:
-    from data_pipeline.split import assign_split, shuffle_key, split_group
+    from data_pipeline.build.split import assign_split, shuffle_key, split_group
 
     config = state.config
     state.splits = {name: [] for name in config.splits}
@@ -638,28 +648,21 @@ def plan_shards(state: BuildState) -> list[tuple[str, str, list[RecordMeta]]]:
 
 
 def write_stage(state: BuildState, progress: bool, log) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    ex = state.executor
-    plan = plan_shards(state)
-    pending = []
-    for split, file_name, metas in plan:
+    jobs = []
+    for split, file_name, metas in plan_shards(state):
         refs = [[state.chunk_paths[m.chunk], m.name, *m.json_ref, *m.arrays_ref] for m in metas]
         digest = hashlib.sha256(json.dumps(refs).encode()).hexdigest()
         sidecar = state.work / "shards" / f"{file_name}.json"
         target = state.out / file_name
+        done = None
         if sidecar.exists() and target.exists():
             info = json.loads(sidecar.read_bytes())
             if info.get("digest") == digest and info.get("bytes") == target.stat().st_size:
-                pending.append(info)
-                continue
-        pending.append(ex.submit(write_shard, refs, str(target), str(sidecar), split, digest))
-    infos = []
-    bar = tqdm(total=len(pending), desc="write (shards)", unit="shard", disable=not progress, dynamic_ncols=True)
-    for item in pending:
-        infos.append(item if isinstance(item, dict) else ex.get(item))
-        bar.update(1)
-    bar.close()
+                done = info
+        jobs.append((file_name, done, write_shard, (refs, str(target), str(sidecar), split, digest)))
+    infos: list[dict] = []
+    run_resumable(state.executor, jobs, lambda _, info: infos.append(info), desc="write (shards)", unit="shard",
+                  progress=progress)
     return infos
 
 
@@ -698,21 +701,37 @@ def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str) 
 
 # ---------------------------------------------------------------------------- 6. finish
 def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
-    from data_pipeline.record import UNITS
-    from data_pipeline.validate import reason_code
-
-    config = state.config
+    """Side files, then manifest.json last (atomically): from then on the shard set exists."""
     out = state.out
-    planned = {info["file"] for info in shard_infos}
-    for stray in out.glob("*.tar"):  # shards of an earlier, different plan (a --force rebuild)
-        if stray.name not in planned:
-            stray.unlink()
+    _remove_stray_shards(out, shard_infos)
     _write_jsonl(out / REJECTS_NAME, state.rejects)
     _write_jsonl(
         out / DUPLICATES_NAME,
         [{"key": d.record.key, "source": state.specs[d.record.source].name, "how": d.how, "matched": d.matched} for d in state.dropped],
     )
+    splits, split_stats, total = _split_summary(state.config, shard_infos)
+    counts = _counts(state, total)
+    manifest = _manifest(state, splits, split_stats, total, counts)
+    write_bytes_atomic(out / MANIFEST_NAME, dumps(manifest))  # last: the shard set now exists
+    log(
+        f"wrote {counts['written']} samples in {len(shard_infos)} shard(s) to {out} "
+        f"(records in {counts['records_in']} = written {counts['written']} + rejects {counts['rejects']} + "
+        f"duplicates {counts['duplicates']} + excluded {counts['excluded']}); manifest sha256 {manifest_digest(out)}"
+    )
+    if not state.config.keep_work:
+        shutil.rmtree(state.work, ignore_errors=True)
+    return manifest
 
+
+def _remove_stray_shards(out: Path, shard_infos: list[dict]) -> None:
+    planned = {info["file"] for info in shard_infos}
+    for stray in out.glob("*.tar"):  # shards of an earlier, different plan (a --force rebuild)
+        if stray.name not in planned:
+            stray.unlink()
+
+
+def _split_summary(config: BuildConfig, shard_infos: list[dict]) -> tuple[dict, dict, ShardStats]:
+    """The manifest's per-split shard lists and the statistics per split and overall."""
     split_stats = {name: ShardStats() for name in config.splits}
     total = ShardStats()
     splits = {name: {"num_samples": 0, "num_atoms": 0, "shards": []} for name in config.splits}
@@ -726,6 +745,13 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
     for name, stats in split_stats.items():
         splits[name]["num_samples"] = stats.num_samples
         splits[name]["num_atoms"] = stats.num_atoms
+    return splits, split_stats, total
+
+
+def _counts(state: BuildState, total: ShardStats) -> dict:
+    """records_in = written + rejects + duplicates + excluded, checked (a build that loses records
+    writes no manifest); also fills each source tally's `written`."""
+    from data_pipeline.build.validate import reason_code
 
     main = [t for t in state.tallies if t.role == "source"]
     records_in = sum(t.records_in for t in main)
@@ -755,8 +781,24 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
     dup_by_how: dict[str, int] = {}
     for d in state.dropped:
         dup_by_how[d.how] = dup_by_how.get(d.how, 0) + 1
+    return {
+        "records_in": records_in,
+        "written": written,
+        "rejects": rejects,
+        "duplicates": duplicates,
+        "excluded": excluded,
+        "balanced": balanced,
+        "equation": "records_in = written + rejects + duplicates + excluded",
+        "rejects_by_code": dict(sorted(rejects_by_code.items())),
+        "dropped_by_how": dict(sorted(dup_by_how.items())),
+    }
 
-    manifest = {
+
+def _manifest(state: BuildState, splits: dict, split_stats: dict, total: ShardStats, counts: dict) -> dict:
+    from data_pipeline.record import UNITS
+
+    config = state.config
+    return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "format": "webdataset tar; per sample <name>.json + <name>.safetensors (data_pipeline.shard_format)",
         "shard_format_version": _shard_format_version(),
@@ -764,17 +806,7 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
         "config_fingerprint": config.fingerprint(),
         "build_config": config.data_dict(),
         "units": dict(UNITS),
-        "counts": {
-            "records_in": records_in,
-            "written": written,
-            "rejects": rejects,
-            "duplicates": duplicates,
-            "excluded": excluded,
-            "balanced": balanced,
-            "equation": "records_in = written + rejects + duplicates + excluded",
-            "rejects_by_code": dict(sorted(rejects_by_code.items())),
-            "dropped_by_how": dict(sorted(dup_by_how.items())),
-        },
+        "counts": counts,
         "sources": {t.name: t.as_dict() for t in state.tallies if t.role == "source"},
         "exclude": {
             "match": config.exclude_match,
@@ -786,15 +818,6 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
         "statistics": {"all": total.summary(), **{name: s.summary() for name, s in split_stats.items()}},
         "files": {"rejects": REJECTS_NAME, "duplicates": DUPLICATES_NAME},
     }
-    write_bytes_atomic(out / MANIFEST_NAME, dumps(manifest))  # last: the shard set now exists
-    log(
-        f"wrote {written} samples in {len(shard_infos)} shard(s) to {out} "
-        f"(records in {records_in} = written {written} + rejects {rejects} + duplicates {duplicates} + excluded {excluded}); "
-        f"manifest sha256 {manifest_digest(out)}"
-    )
-    if not config.keep_work:
-        shutil.rmtree(state.work, ignore_errors=True)
-    return manifest
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

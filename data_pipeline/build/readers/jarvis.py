@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipeline.readers import register_reader
-from data_pipeline.readers._common import (
+from data_pipeline.build.readers import register_reader
+from data_pipeline.build.readers._common import (
     array_label,
     arrays_from_poscar,
     check_numbers,
@@ -42,11 +42,11 @@ from data_pipeline.readers._common import (
     open_text,
     optional_float,
 )
-from data_pipeline.readers._jsonstream import JsonStream, Malformed, Truncated, iter_documents
-from data_pipeline.readers.base import RawEntry, Reject
-from data_pipeline.readers.structure_files import decode_text
+from data_pipeline.build.readers._jsonstream import JsonStream, Malformed, Truncated, iter_documents
+from data_pipeline.build.readers.base import RawEntry, Reject
+from data_pipeline.build.readers.structure_files import decode_text
 from data_pipeline.record import CrystalRecord
-from data_pipeline.validate import reject
+from data_pipeline.build.validate import reject
 
 FIELD_OF_TARGET = {
     "formation_energy_peratom": "formation_energy_per_atom",
