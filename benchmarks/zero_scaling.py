@@ -72,7 +72,8 @@ def worker(args) -> None:
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed
     from pretrain.objectives import build_objective
-    from pretrain.trainer import Trainer, rank_memory_gb
+    from pretrain.distributed import rank_memory_gb
+    from pretrain.trainer import Trainer
     from pretrain_trainer_fixtures import load_mp20
 
     info = init_distributed("gloo")

@@ -7,9 +7,11 @@ Launchers (`deepspeed`, `python -m deepspeed.launcher.launch` one per node under
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -62,3 +64,24 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(local_rank))
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+# ---------------------------------------------------------------------- rank helpers
+def rank_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: allocator peak on GPUs, resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

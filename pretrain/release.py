@@ -99,6 +99,23 @@ def load_pretrained(path: str | os.PathLike, map_location: str = "cpu"):
     return objective.eval()
 
 
+def build_with_init(config: dict):
+    """`build_objective(config)`, with the release that `config["init_from"]` names loaded first
+    and handed to the objective (stage 2 from stage 1, refinement of a ddpm generator)."""
+    from pretrain.objectives import build_objective
+
+    init_from = config.get("init_from")
+    if not init_from:
+        return build_objective(config)
+    if not Path(init_from).is_dir():
+        raise FileNotFoundError(
+            f"{config.get('name')}.init_from: {init_from} is not a directory. Point it at a release "
+            "(`crystalfm pretrain release ...`); to load a stage-2 release use its saved config, which has "
+            "init_from removed (export_config())."
+        )
+    return build_objective(config, load_pretrained(init_from))
+
+
 def release_id(path: str | os.PathLike) -> str:
     """A short stable id of a release: the first 12 hex digits of its weights' sha256."""
     return read_release_config(path)["weights_sha256"][:12]

@@ -20,9 +20,7 @@ Model code never imports DeepSpeed: the objective is a plain nn.Module; this fil
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import signal
 import sys
 import time
@@ -38,103 +36,14 @@ from crystalfm_common.provenance import git_commit
 from crystalfm_common.tracking import resolve_tracking_uri
 from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.config import JobConfig
-from pretrain.distributed import DistInfo, init_distributed
+from pretrain.distributed import DistInfo, init_distributed, rank_memory_gb, seed_all
+from pretrain.optim import build_lr_scheduler, build_optimizer
+from pretrain.parallelize import deepspeed_config, parallelize
 from pretrain.objectives.base import LossNorm
 from pretrain.tracking import MlflowTracker, NullTracker, manifest_sha256
 
 FAULT_ENV = "CRYSTALFM_FAULT"  # "STEP:KILL" or "STEP:TERM": rank 0 sends itself that signal after STEP (tests)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---------------------------------------------------------------------- pieces
-class LrSchedule:
-    """lr multiplier per optimiser step: warmup + cosine, one-cycle, or constant (picklable)."""
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
-                 pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4):
-        self.kind, self.total = kind, max(1, total_steps)
-        self.warmup, self.min_ratio = warmup_steps, min_lr_ratio
-        self.pct_start, self.div, self.final_div = pct_start, div_factor, final_div_factor
-
-    def __call__(self, step: int) -> float:
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "warmup_cosine":
-            if step < self.warmup:
-                return (step + 1) / self.warmup
-            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        if self.kind == "one_cycle":  # cosine up from lr/div to lr, then cosine down to lr/(div*final_div)
-            start, end = 1 / self.div, 1 / (self.div * self.final_div)
-            rise = max(1, int(self.pct_start * self.total))
-            if step < rise:
-                return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / rise))
-            progress = min(1.0, (step - rise) / max(1, self.total - rise))
-            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
-        raise ValueError(f"unknown schedule kind {self.kind!r}")
-
-
-def build_optimizer(model: torch.nn.Module, config: JobConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm scales (ndim < 2).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    opt = config.optim
-    if opt.name == "adamw":
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
-    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
-
-
-def deepspeed_config(config: JobConfig) -> dict:
-    """The DeepSpeed config this job runs with (config.deepspeed is merged last)."""
-    train = config.train
-    ds: dict[str, Any] = {
-        # Batches are packed to an atom budget, so "batch size" is one packed micro-batch per rank.
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": train.grad_accum,
-        "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-    if train.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif train.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
-    return _deep_merge(ds, config.deepspeed)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def rank_memory_gb(device: torch.device) -> float:
-    """Peak memory of this rank: allocator peak on GPUs, resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -150,7 +59,6 @@ class StepStats:
     metrics: dict[str, float]
 
 
-# ---------------------------------------------------------------------- trainer
 class Trainer:
     """Builds objective, loader, DeepSpeed engine, checkpoints and tracking from one JobConfig.
 
@@ -161,8 +69,6 @@ class Trainer:
 
     def __init__(self, config: JobConfig, *, objective: torch.nn.Module | None = None, loader=None,
                  val_loader=None, log: Callable[[str], None] | None = None):
-        import deepspeed
-
         self.config = config
         self.dist: DistInfo = init_distributed(config.train.backend)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
@@ -175,9 +81,9 @@ class Trainer:
         # Model init is identical on every rank; stochastic terms then differ per rank.
         seed_all(config.run.seed)
         if objective is None:
-            from pretrain.objectives import build_objective
+            from pretrain.release import build_with_init  # init_from is loaded before the objective is built
 
-            objective = build_objective(config.objective)
+            objective = build_with_init(config.objective)
         self.objective = objective
         self.views = self.objective.batch_views()
         seed_all(config.run.seed + 1000 * (self.rank + 1))
@@ -187,13 +93,9 @@ class Trainer:
             self.val_loader = self._build_loader(config.data.val_split, mode="epoch")
 
         optimizer = build_optimizer(self.objective, config)
-        sched = config.schedule
-        schedule = LrSchedule(sched.kind, config.train.max_steps, sched.warmup_steps, sched.min_lr_ratio,
-                              sched.pct_start, sched.div_factor, sched.final_div_factor)
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.ds_config = deepspeed_config(config)
-        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=self.objective, optimizer=optimizer, lr_scheduler=lr_scheduler, config=self.ds_config)
+        self.engine, self.optimizer, self.lr_scheduler = parallelize(
+            self.objective, optimizer, build_lr_scheduler(optimizer, config), self.ds_config)
 
         self.step = 0
         self.epoch = 0
@@ -202,6 +104,10 @@ class Trainer:
         self._stop_signal: str | None = None
         self._stop_agreed = False
         self.last_metrics: dict[str, float] = {}
+        self._pending_steps = 0  # engine.step() calls of the current optimiser step so far
+        self._grad_norm: float | None = None  # measured by optimizer_step when DeepSpeed reports none
+        self._step_s = 0.0  # seconds of the last optimizer_step
+        self._val_start: dict | None = None  # the validation loader's state at the first evaluation
         self.manifest_sha256 = manifest_sha256(config.data.shards) if config.data.shards else None
         self.checkpoints = CheckpointManager(config.checkpoint_dir, config.checkpoint.keep_last)
         self.tracker = self._build_tracker()
@@ -362,7 +268,7 @@ class Trainer:
         data_s = max(g["data_s"] for g in gathered)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
-            grad_norm = getattr(self, "_grad_norm", None)
+            grad_norm = self._grad_norm
         out = {
             "loss": sum(g["loss"] for g in gathered),  # local shares of the global mean add up
             "lr": float(self.lr_scheduler.get_last_lr()[0]),
@@ -392,7 +298,7 @@ class Trainer:
         if self.val_loader is None:
             return {}
         # The same validation batches every time: rewind the loader to where it started.
-        if not hasattr(self, "_val_start"):
+        if self._val_start is None:
             self._val_start = self.val_loader.state_dict()
         self.val_loader.load_state_dict(self._val_start)
         self.engine.eval()

@@ -16,14 +16,17 @@ _MODULES = {
 }
 
 
-def build_objective(config: dict) -> Objective:
-    """config: {"name": one of vae | latent_flow | jepa | ddpm, **that objective's config}."""
+def build_objective(config: dict, init_source: Objective | None = None) -> Objective:
+    """config: {"name": one of vae | latent_flow | jepa | ddpm, **that objective's config}.
+
+    init_source: the released objective that `config["init_from"]` names, already loaded (by
+    `pretrain.release.build_with_init`): objectives never load releases themselves."""
     config = dict(config)
     name = config.pop("name", None)
     if name not in _MODULES:
         raise ValueError(f"unknown objective {name!r}; available: {sorted(_MODULES)}")
     module = importlib.import_module(_MODULES[name])
-    return module.build(config)
+    return module.build(config) if init_source is None else module.build(config, init_source)
 
 
 __all__ = ["LossNorm", "Objective", "build_objective"]

@@ -41,3 +41,12 @@ class Objective(nn.Module):
 
     def after_step(self) -> None:
         """Hook called by the trainer after each optimiser step (e.g. EMA target updates)."""
+
+
+def require_init_source(init_from: str, source, name: str):
+    """The released objective `init_from` names, loaded by the caller: objectives never import
+    `pretrain.release` (it builds objectives); `pretrain.release.build_with_init` loads it first."""
+    if source is None:
+        raise ValueError(f"{name}.init_from: {init_from} was not loaded; build this objective with "
+                         "`pretrain.release.build_with_init(config)` (the trainer does), which loads the release first")
+    return source

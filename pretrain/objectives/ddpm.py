@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from data_pipeline.record import MAX_Z, CrystalRecord
-from pretrain.objectives.base import LossNorm, Objective
+from pretrain.objectives.base import LossNorm, Objective, require_init_source
 from pretrain.objectives.config import parse_config
 from pretrain.objectives.dit import pad_atoms
 
@@ -93,15 +93,13 @@ class Denoiser(nn.Module):
 class DDPMObjective(Objective):
     encoder = None  # a generator: nothing here is a crystal encoder
 
-    def __init__(self, config: DDPMConfig):
+    def __init__(self, config: DDPMConfig, init_source=None):
         super().__init__()
         init_state = None
         if config.init_from is not None:
             from dataclasses import replace
 
-            from pretrain.release import load_pretrained
-
-            source = load_pretrained(config.init_from)
+            source = require_init_source(config.init_from, init_source, "ddpm")
             if not isinstance(source, DDPMObjective):
                 raise ValueError(f"ddpm.init_from: {config.init_from} holds a {type(source).__name__}, not a ddpm release")
             config = replace(source.config, init_from=config.init_from)
@@ -218,5 +216,5 @@ class DDPMObjective(Objective):
         return [(int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
 
 
-def build(config: dict) -> DDPMObjective:
-    return DDPMObjective(parse_config(DDPMConfig, config, "objective 'ddpm'"))
+def build(config: dict, init_source=None) -> DDPMObjective:
+    return DDPMObjective(parse_config(DDPMConfig, config, "objective 'ddpm'"), init_source)

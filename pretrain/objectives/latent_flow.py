@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pretrain.objectives.base import LossNorm, Objective
+from pretrain.objectives.base import LossNorm, Objective, require_init_source
 from pretrain.objectives.collapse import collapse_metrics
 from pretrain.objectives.config import parse_config
 from pretrain.objectives.dit import DiT, DiTConfig, pad_atoms
@@ -83,17 +82,9 @@ class LatentFlowConfig:
             raise ValueError(f"latent_flow.t_clip must be in (0, 1), got {self.t_clip}")
 
 
-def _read_init(path: str):
-    """(vae config dict, vae state dict) from a stage-1 or stage-2 release."""
-    from pretrain.release import load_pretrained
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"latent_flow.init_from: {path} is not a directory. Point it at a stage-1 release "
-            "(`crystalfm pretrain release ...`); to load a stage-2 release use its saved config, which has "
-            "init_from removed (LatentFlowObjective.export_config())."
-        )
-    source = load_pretrained(path)
+def _read_init(path: str, init_source):
+    """(vae config dict, vae state dict) from a stage-1 or stage-2 release (loaded by the caller)."""
+    source = require_init_source(path, init_source, "latent_flow")
     if isinstance(source, VAEObjective):
         return asdict(source.config), source.state_dict()
     if isinstance(source, LatentFlowObjective):
@@ -102,11 +93,11 @@ def _read_init(path: str):
 
 
 class LatentFlowObjective(Objective):
-    def __init__(self, config: LatentFlowConfig):
+    def __init__(self, config: LatentFlowConfig, init_source=None):
         super().__init__()
         init_state = None
         if config.init_from is not None:
-            vae_config, init_state = _read_init(config.init_from)
+            vae_config, init_state = _read_init(config.init_from, init_source)
             config = replace(config, vae=vae_config)
         self.config = config
         self.vae = VAEObjective(parse_config(VAEConfig, config.vae, "objective 'latent_flow'.vae"))
@@ -201,5 +192,5 @@ class LatentFlowObjective(Objective):
             ema.copy_(online)
 
 
-def build(config: dict) -> LatentFlowObjective:
-    return LatentFlowObjective(parse_config(LatentFlowConfig, config, "objective 'latent_flow'"))
+def build(config: dict, init_source=None) -> LatentFlowObjective:
+    return LatentFlowObjective(parse_config(LatentFlowConfig, config, "objective 'latent_flow'"), init_source)

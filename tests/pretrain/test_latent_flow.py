@@ -9,7 +9,7 @@ import torch
 
 from data_pipeline.load.collate import BatchViews, collate
 from pretrain.objectives import LossNorm, build_objective
-from pretrain.release import load_pretrained, save_release
+from pretrain.release import build_with_init, load_pretrained, save_release
 
 TOKENS = {"name": "jepa_transformer", "width": 32, "num_layers": 1, "heads": 4}
 VAE = {"latent_dim": 16, "encoder": TOKENS}
@@ -130,7 +130,7 @@ def test_stage_two_starts_from_a_stage_one_release(tmp_path, mp20_records):
     release = save_release(vae, vae_config, tmp_path / "stage1", views=vae.batch_views())
 
     torch.manual_seed(1)
-    flow = build_objective({"name": "latent_flow", "init_from": str(release), "dit": {"preset": "tiny"}})
+    flow = build_with_init({"name": "latent_flow", "init_from": str(release), "dit": {"preset": "tiny"}})
     for name, tensor in vae.state_dict().items():
         assert torch.equal(flow.vae.state_dict()[name], tensor), name
     assert flow.config.vae["latent_dim"] == VAE["latent_dim"]  # the config came from the release
@@ -144,8 +144,8 @@ def test_stage_two_starts_from_a_stage_one_release(tmp_path, mp20_records):
     for name, tensor in flow.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     # and stage 2 can itself be the starting point of another stage-2 run
-    again = build_objective({"name": "latent_flow", "init_from": str(stage2), "dit": {"preset": "tiny"}})
+    again = build_with_init({"name": "latent_flow", "init_from": str(stage2), "dit": {"preset": "tiny"}})
     assert torch.equal(again.vae.moments.weight, flow.vae.moments.weight)
 
     with pytest.raises(FileNotFoundError, match="init_from"):
-        build_objective({"name": "latent_flow", "init_from": str(tmp_path / "missing")})
+        build_with_init({"name": "latent_flow", "init_from": str(tmp_path / "missing")})

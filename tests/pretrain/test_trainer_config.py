@@ -63,7 +63,7 @@ def test_shipped_configs_load(tmp_path):
 
 
 def test_deepspeed_config_follows_the_job():
-    from pretrain.trainer import deepspeed_config
+    from pretrain.parallelize import deepspeed_config
 
     config = load_config(None, ["train.zero_stage=3", "train.precision=bf16", "train.grad_accum=4", "optim.grad_clip=0.5",
                                 "deepspeed.zero_optimization.overlap_comm=true"])
@@ -77,7 +77,7 @@ def test_deepspeed_config_follows_the_job():
 
 
 def test_lr_schedules():
-    from pretrain.trainer import LrSchedule
+    from pretrain.optim import LrSchedule
 
     warm = LrSchedule("warmup_cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     values = [warm(s) for s in range(101)]
