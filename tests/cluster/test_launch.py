@@ -247,7 +247,6 @@ tracking: {{experiment: slurm-test}}
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
-    pytest.importorskip("pretrain.objectives.vae", reason="the VAE objective is not installed yet")
     tmp = built["tmp"]
     assert built["state"] == "COMPLETED"
     config = tmp / "train.yaml"

@@ -56,6 +56,28 @@ def test_evaluate_reconstruction(tmp_path, shards, name, capsys):
     assert "type_acc_masked" in capsys.readouterr().out
 
 
+def test_reconstruction_metrics_are_exactly_zero_for_a_perfect_decoder(mp20_records):
+    """The exact case: a VAE whose decoder returns the truth scores type accuracy 1 and zero errors."""
+    from data_pipeline.load.collate import BatchViews, collate
+    from data_pipeline.record import MAX_Z
+    from pretrain.evaluate import evaluate_reconstruction
+
+    vae = build_objective({"name": "vae", "latent_dim": 16, "encoder": TOKENS}).double().eval()
+
+    def perfect_decode(z, batch):  # the truth, in the decoder's output layout (invariant targets)
+        logits = torch.nn.functional.one_hot(batch.atomic_numbers.long() - 1, MAX_Z).to(z.dtype)
+        return {"type_logits": logits, "coords": batch.frac_coords.to(z.dtype),
+                "lattice": vae.lattice_target(batch).to(z.dtype)}
+
+    vae.decode = perfect_decode
+    views = BatchViews.from_dict(vae.batch_views())
+    batches = [collate(mp20_records[i : i + 10], views, dtype=torch.float64) for i in (0, 10)]
+    results = evaluate_reconstruction(vae, batches)
+    assert results["crystals"] == 20 and results["masked_atoms"] > 0
+    assert results["type_acc_masked"] == 1.0
+    assert results["coord_rmsd"] == results["coord_rmsd_aligned"] == results["lattice_mae"] == 0.0
+
+
 def test_evaluate_jepa_embeddings(tmp_path, shards):
     release = _release(tmp_path, {"name": "jepa", "encoder": TOKENS})
     out = tmp_path / "eval"
