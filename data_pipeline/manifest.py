@@ -16,6 +16,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,14 +35,24 @@ def manifest_path(shard_dir: str | Path) -> Path:
     return shard_dir if shard_dir.name == MANIFEST_NAME else shard_dir / MANIFEST_NAME
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
+def read_manifest_json(shard_dir: str | Path) -> Any:
+    """The parsed manifest.json of a shard directory, unchecked (the one place that reads the file)."""
     path = manifest_path(shard_dir)
     if not path.is_file():
         raise ManifestError(
             f"{path} not found: {path.parent} is not a finished shard set "
             "(run `crystalfm data build` first; an interrupted build resumes when rerun)"
         )
-    manifest = json.loads(path.read_bytes())
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); rebuild the shards") from None
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """The manifest of a shard set built by this code (its schema version checked)."""
+    path = manifest_path(shard_dir)
+    manifest = read_manifest_json(shard_dir)
     version = manifest.get("schema_version")
     if version != MANIFEST_SCHEMA_VERSION:
         raise ManifestError(f"{path}: schema_version {version!r}, this code reads {MANIFEST_SCHEMA_VERSION}; rebuild the shards")

@@ -12,7 +12,6 @@ Both are reproducible from a seed.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -26,10 +25,9 @@ from data_pipeline.shard_format import sample_name
 
 def atom_count_distribution(shard_dir: str | Path, split: str = "train") -> dict[int, int]:
     """{atoms per crystal: count} of a split (default train) from a shard set's manifest."""
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a shard set made by `crystalfm data build`")
-    statistics = json.loads(path.read_text()).get("statistics", {})
+    from data_pipeline.manifest import load_manifest
+
+    statistics = load_manifest(shard_dir).get("statistics", {})
     hist = (statistics.get(split) or statistics.get("all") or {}).get("atoms_per_crystal")
     if not hist:
         raise ValueError(f"{shard_dir}/manifest.json has no atoms_per_crystal histogram")

@@ -264,7 +264,9 @@ def release_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     shards = meta.get("config", {}).get("data", {}).get("shards")
     manifest = None
     if shards and (Path(shards) / "manifest.json").is_file():
-        manifest = json.loads((Path(shards) / "manifest.json").read_text())
+        from data_pipeline.manifest import read_manifest_json
+
+        manifest = read_manifest_json(shards)
     normalization = {"labels": _find(manifest, "labels") or {}} if manifest else {}
     if hasattr(objective, "normalization_stats"):
         normalization["objective"] = objective.normalization_stats()

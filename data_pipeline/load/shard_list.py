@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
+
+from data_pipeline.manifest import read_manifest_json
 
 
 def split_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
@@ -26,7 +27,7 @@ def split_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
                 "build the shard set first (`crystalfm data build ...`)"
             )
         return found
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest_json(shard_dir)
     if isinstance(manifest, list):
         entry = manifest
     else:

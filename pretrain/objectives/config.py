@@ -6,18 +6,18 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
+from crystalfm_common.config import check_keys
+
 T = TypeVar("T")
 
 
 def parse_config(cls: type[T], config: dict | None, where: str) -> T:
     """Build dataclass `cls` from `config`; nested dataclass fields accept dicts.
 
-    Raises ValueError naming `where` and the offending keys when a key is unknown."""
+    Raises `ConfigError` (a ValueError) naming `where`, the unknown key and the closest known one.
+    Values are checked by the dataclass itself (`__post_init__`), not by type hint."""
     config = dict(config or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {unknown}; known keys: {sorted(known)}")
+    check_keys(cls, config, where)
     hints = typing.get_type_hints(cls)
     for name, value in list(config.items()):
         kind = hints.get(name)
