@@ -2,6 +2,8 @@
 
     tasks                               list the registered tasks (target, unit, data, split)
     train TASK --encoder DIR|scratch    one run: --mode full|frozen|scratch, --fraction, --seed, ...
+    baseline TASK                       the composition baseline (Magpie + gradient boosting) and the
+                                        training-mean predictor: --fractions × --seeds, tracked in MLflow
     sweep CONFIG                        tasks × encoders × modes × fractions × seeds (Ray or serial;
                                         --shard i/n or a SLURM array picks a share)
     compare [--task T ...]              the MLflow comparison table (CSV, Markdown, PNG)
@@ -18,7 +20,7 @@ from pathlib import Path
 # CLI flag → FinetuneConfig field, for `train` (None: not given, the config/default stands).
 _TRAIN_FLAGS = (
     "encoder", "mode", "probe", "readout", "fraction", "seed", "epochs", "batch_size", "lr", "encoder_lr",
-    "weight_decay", "patience", "max_train", "max_eval", "num_workers", "device", "data_root", "out",
+    "weight_decay", "patience", "max_train", "max_eval", "max_val", "num_workers", "device", "data_root", "out",
     "tracking_uri", "target_name", "unit", "dropout",
 )
 
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dropout", type=float)
     train.add_argument("--patience", type=int)
     train.add_argument("--max-train", type=int)
-    train.add_argument("--max-eval", type=int)
+    train.add_argument("--max-eval", type=int, help="cap on validation and test crystals (default: whole splits)")
+    train.add_argument("--max-val", type=int, help="cap on validation crystals only (default: --max-eval)")
     train.add_argument("--num-workers", type=int)
     train.add_argument("--device")
     train.add_argument("--target-name", help="csv tasks: name of the value column")
@@ -58,10 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-tracking", action="store_true", help="no MLflow; the model dir goes to OUT/models/...")
     _common(train)
 
+    baseline = sub.add_parser("baseline", help="composition baseline (Magpie features + gradient boosting) on a task")
+    baseline.add_argument("task", help="a registered task (see `tasks`) or csv:PATH")
+    baseline.add_argument("--fractions", type=float, nargs="+", default=[1.0], help="label fractions (default 1.0)")
+    baseline.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    baseline.add_argument("--max-train", type=int)
+    baseline.add_argument("--max-eval", type=int, help="cap on validation and test crystals (default: whole splits)")
+    baseline.add_argument("--max-val", type=int, help="cap on validation crystals only")
+    baseline.add_argument("--target-name", help="csv tasks: name of the value column")
+    baseline.add_argument("--unit", help="csv tasks: unit of the value column")
+    baseline.add_argument("--no-mean", action="store_true", help="skip the training-mean predictor runs")
+    _common(baseline)
+
     sweep = sub.add_parser("sweep", help="run a sweep config (see configs/finetune_*.yaml)")
     sweep.add_argument("config", help="YAML with SweepConfig fields")
     sweep.add_argument("--backend", choices=["ray", "serial"])
-    sweep.add_argument("--encoders", nargs="+", metavar="DIR|scratch", help="replace the config's encoder list")
+    sweep.add_argument("--encoders", nargs="+", metavar="DIR|scratch|baseline", help="replace the config's encoder list")
     sweep.add_argument("--shard", help="i/n: run every n-th run starting at i (default: the SLURM array position)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a train field for every run (YAML value), e.g. --set epochs=5")
@@ -134,7 +149,23 @@ def cmd_train(args) -> int:
     if args.encoder_config is not None:
         fields["encoder_config"] = _encoder_config(args.encoder_config)
     config = FinetuneConfig.from_dict(fields)
+    if config.mode == "baseline":  # `--encoder baseline`: the same as `crystalfm finetune baseline`
+        from finetune.baseline import run_baseline
+
+        run_baseline(config, tracking=not args.no_tracking)
+        return 0
     run_finetune(config, tracking=not args.no_tracking, save_to=args.save)
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from finetune.baseline import MAGPIE_HGB, MODELS, run_baseline_grid
+
+    fields = {name: getattr(args, name) for name in ("max_train", "max_eval", "max_val", "target_name", "unit",
+                                                      "data_root", "out", "tracking_uri")
+              if getattr(args, name, None) is not None}
+    models = (MAGPIE_HGB,) if args.no_mean else MODELS
+    run_baseline_grid(args.task, fractions=args.fractions, seeds=args.seeds, models=models, **fields)
     return 0
 
 
@@ -214,7 +245,7 @@ def cmd_export_split(args) -> int:
     return 0
 
 
-COMMANDS = {"tasks": cmd_tasks, "export-split": cmd_export_split, "train": cmd_train, "sweep": cmd_sweep, "compare": cmd_compare, "predict": cmd_predict}
+COMMANDS = {"tasks": cmd_tasks, "export-split": cmd_export_split, "train": cmd_train, "baseline": cmd_baseline, "sweep": cmd_sweep, "compare": cmd_compare, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,10 @@
                                    (tags: task, encoder, mode, fraction, seed; metrics test_*)
     comparison_table(runs)         grouped by task, encoder (release id + mode, or "scratch"),
                                    fraction: test MAE mean ± std (over seeds), RMSE and R² means,
-                                   and the relative gain over the from-scratch baseline of the same
-                                   task, fraction and architecture: 100 × (MAE_scratch − MAE) / MAE_scratch
+                                   the relative gain over the from-scratch encoder of the same
+                                   task, fraction and architecture: 100 × (MAE_scratch − MAE) / MAE_scratch,
+                                   and over the composition baseline (baseline:magpie-hgb) of the
+                                   same task and fraction: 100 × (MAE_baseline − MAE) / MAE_baseline
     write_comparison(table, dir)   comparison.csv, comparison.md, mae_vs_fraction.png
 """
 from __future__ import annotations
@@ -16,10 +18,15 @@ from pathlib import Path
 from finetune.tracking import EXPERIMENT_PREFIX, Tracker, experiment_name
 
 COLUMNS = ["task", "unit", "encoder", "encoder_name", "fraction", "n_seeds", "mae_mean", "mae_std", "rmse_mean",
-           "r2_mean", "gain_vs_scratch_pct"]
+           "r2_mean", "gain_vs_scratch_pct", "gain_vs_baseline_pct"]
+BASELINE_LABEL = "baseline:magpie-hgb"  # the reference of gain_vs_baseline_pct (finetune.baseline.MAGPIE_HGB)
+# Row order within a task and fraction: the anchors first, then scratch, then the encoders.
+_FIRST = {"baseline:train-mean": 0, BASELINE_LABEL: 1, "scratch": 2}
 
 
 def encoder_label(encoder: str, mode: str, probe: str | None = None) -> str:
+    if mode == "baseline":
+        return encoder  # e.g. baseline:magpie-hgb
     if mode == "scratch" or encoder == "scratch":
         return "scratch"
     if mode == "frozen":
@@ -86,24 +93,38 @@ def comparison_table(runs):
         if row.encoder == "scratch" or base.empty:
             gains.append(math.nan)
         else:
-            reference = float(base["mae_mean"].iloc[0])
-            gains.append(100.0 * (reference - row.mae_mean) / reference if reference > 0 else math.nan)
+            gains.append(_gain(float(base["mae_mean"].iloc[0]), row.mae_mean))
     grouped["gain_vs_scratch_pct"] = gains
-    order = grouped["encoder"].map(lambda e: (e != "scratch", e))
+    baseline = grouped[grouped["encoder"] == BASELINE_LABEL]
+    vs_baseline = []
+    for row in grouped.itertuples():
+        base = baseline[(baseline["task"] == row.task) & (baseline["fraction"] == row.fraction)]
+        if row.encoder == BASELINE_LABEL or base.empty:
+            vs_baseline.append(math.nan)
+        else:
+            vs_baseline.append(_gain(float(base["mae_mean"].iloc[0]), row.mae_mean))
+    grouped["gain_vs_baseline_pct"] = vs_baseline
+    order = grouped["encoder"].map(lambda e: (_FIRST.get(e, 3), e))
     grouped = grouped.assign(_order=order).sort_values(["task", "fraction", "_order"]).drop(columns="_order")
     return grouped[COLUMNS].reset_index(drop=True)
 
 
+def _gain(reference: float, mae: float) -> float:
+    return 100.0 * (reference - mae) / reference if reference > 0 else math.nan
+
+
 def to_markdown(table) -> str:
-    header = ["task", "encoder", "fraction", "seeds", "test MAE (mean ± std)", "RMSE", "R²", "gain vs scratch"]
+    header = ["task", "encoder", "fraction", "seeds", "test MAE (mean ± std)", "RMSE", "R²", "gain vs scratch",
+              "vs baseline"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.itertuples():
         std = "" if (row.mae_std is None or math.isnan(row.mae_std)) else f" ± {row.mae_std:.4f}"
         gain = "" if math.isnan(row.gain_vs_scratch_pct) else f"{row.gain_vs_scratch_pct:+.1f}%"
+        vs_baseline = "" if math.isnan(row.gain_vs_baseline_pct) else f"{row.gain_vs_baseline_pct:+.1f}%"
         unit = f" {row.unit}" if row.unit else ""
         lines.append(
             f"| {row.task} | {row.encoder} | {row.fraction:g} | {row.n_seeds} | {row.mae_mean:.4f}{std}{unit} | "
-            f"{row.rmse_mean:.4f} | {row.r2_mean:.3f} | {gain} |"
+            f"{row.rmse_mean:.4f} | {row.r2_mean:.3f} | {gain} | {vs_baseline} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from crystalfm_common.config import from_dict as dataclass_from_dict
 
-MODES = ("full", "frozen", "scratch")
+MODES = ("full", "frozen", "scratch", "baseline")
+BASELINE = "baseline"  # the composition baseline arm (finetune.baseline): no encoder at all
 PROBES = ("mlp", "linear")
 
 
@@ -31,12 +32,13 @@ class FinetuneConfig:
     """One fine-tune run: one task, one encoder, one label fraction, one seed."""
 
     task: str = "mp20_formation_energy"
-    # A release directory (from `crystalfm pretrain release`) or "scratch".
+    # A release directory (from `crystalfm pretrain release`), "scratch", or "baseline" (the
+    # composition baseline of finetune.baseline: Magpie features + gradient boosting, no encoder).
     encoder: str = "scratch"
     # Architecture for `encoder: scratch` without a release (e.g. {"name": "pddformer", ...}).
     # With a release directory and mode "scratch", the release's own architecture is used.
     encoder_config: dict | None = None
-    mode: str = "full"  # full | frozen | scratch ("scratch" encoder implies mode scratch)
+    mode: str = "full"  # full | frozen | scratch | baseline ("scratch"/"baseline" encoders imply their mode)
     probe: str = "mlp"  # frozen mode only: "linear" (readout + one Linear) or "mlp"
     readout: str = "mean"  # mean | sum | attention
     head_hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -54,7 +56,8 @@ class FinetuneConfig:
     patience: int | None = None  # early stopping on validation MAE (epochs); None: off
     normalize: str = "standard"  # target normalisation: standard | none
     max_train: int | None = None  # cap on training crystals after the fraction (quick runs)
-    max_eval: int | None = None  # cap on validation and test crystals each
+    max_eval: int | None = None  # cap on validation and test crystals each; None: the whole split
+    max_val: int | None = None  # cap on validation crystals only; None: as max_eval
     num_workers: int = 0  # DataLoader workers building neighbour lists / tokens
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data_root: str | None = None  # default: $CRYSTALFM_SHARED_DATA or ../shared/data beside the repo
@@ -67,9 +70,12 @@ class FinetuneConfig:
 
     def __post_init__(self):
         _coerce(self, float, ("fraction", "lr", "encoder_lr", "weight_decay", "warmup_epochs", "grad_clip", "dropout"))
-        _coerce(self, int, ("seed", "epochs", "batch_size", "patience", "max_train", "max_eval", "num_workers"))
+        _coerce(self, int, ("seed", "epochs", "batch_size", "patience", "max_train", "max_eval", "max_val",
+                             "num_workers"))
         if self.encoder == "scratch":
             self.mode = "scratch"
+        if self.encoder == BASELINE or self.mode == BASELINE:
+            self.encoder, self.mode = BASELINE, BASELINE
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.probe not in PROBES:
@@ -106,7 +112,7 @@ class SweepConfig:
     """tasks × encoders × fractions × seeds; every run shares `train` (FinetuneConfig fields)."""
 
     tasks: list[str] = field(default_factory=lambda: ["mp20_formation_energy"])
-    # Release directories and/or "scratch". Each release is also run in every mode of `modes`.
+    # Release directories, "scratch" and/or "baseline". Each release is run in every mode of `modes`.
     encoders: list[str] = field(default_factory=lambda: ["scratch"])
     modes: list[str] = field(default_factory=lambda: ["full"])
     fractions: list[float] = field(default_factory=lambda: [1.0])

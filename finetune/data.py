@@ -87,12 +87,17 @@ def load_task_data(
     seed: int = 0,
     max_train: int | None = None,
     max_eval: int | None = None,
+    max_val: int | None = None,
     progress: bool = True,
 ) -> TaskData:
+    """`max_eval` caps validation and test (None: the whole split); `max_val` caps validation only
+    (None: as `max_eval`), so a run may stop early on fewer crystals and still test on all."""
     buckets, rejects = _scan_and_assign(task, root)
     available = {s: len(buckets[s]) for s in SPLITS}
-    chosen = _select(buckets, fraction=fraction, seed=seed, max_train=max_train, max_eval=max_eval)
-    parsed = {s: _parse_all(task, chosen[s], rejects, progress=progress, desc=f"{task.name}/{s}") for s in SPLITS}
+    chosen = _select(buckets, fraction=fraction, seed=seed, max_train=max_train, max_eval=max_eval, max_val=max_val)
+    memo = _parse_memo(task, root)
+    parsed = {s: _parse_all(task, chosen[s], rejects, progress=progress, desc=f"{task.name}/{s}", memo=memo)
+              for s in SPLITS}
     if not parsed["train"]:
         raise ValueError(
             f"task {task.name}: no usable training crystals ({len(rejects)} rejected"
@@ -103,6 +108,9 @@ def load_task_data(
 
 
 _SCAN_CACHE: dict = {}  # (task, sources with mtimes) → scanned buckets: serial sweeps scan once
+# Same key → {entry key: parsed record or reject reason}: the runs of one process (a serial sweep, the
+# baseline's fractions × seeds) parse the shared validation and test crystals once.
+_PARSE_CACHE: dict = {}
 
 
 def _scan_and_assign(task: Task, root) -> tuple[dict[str, list[_Item]], list[Reject]]:
@@ -112,6 +120,14 @@ def _scan_and_assign(task: Task, root) -> tuple[dict[str, list[_Item]], list[Rej
         _SCAN_CACHE[key] = _scan_sources(task, root)
     buckets, rejects = _SCAN_CACHE[key]
     return {s: list(items) for s, items in buckets.items()}, list(rejects)
+
+
+def _parse_memo(task: Task, root) -> dict:
+    key = (task, tuple(_stamp(s.path, root) for s in task.sources))
+    if key not in _PARSE_CACHE:
+        _PARSE_CACHE.clear()  # one task's records at most
+        _PARSE_CACHE[key] = {}
+    return _PARSE_CACHE[key]
 
 
 def _stamp(path: str, root) -> tuple[str, float]:
@@ -197,7 +213,7 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _select(buckets, *, fraction, seed, max_train, max_eval) -> dict[str, list[_Item]]:
+def _select(buckets, *, fraction, seed, max_train, max_eval, max_val=None) -> dict[str, list[_Item]]:
     train = sorted(buckets["train"], key=lambda it: unit_hash(it.material_id, f"fraction:{seed}"))
     train = train[: max(1, math.ceil(fraction * len(train)))] if train else []
     if max_train is not None:
@@ -205,21 +221,31 @@ def _select(buckets, *, fraction, seed, max_train, max_eval) -> dict[str, list[_
     out = {"train": train}
     for split in ("val", "test"):
         items = sorted(buckets[split], key=lambda it: unit_hash(it.material_id, "eval"))
-        out[split] = items[:max_eval] if max_eval is not None else items
+        cap = max_val if (split == "val" and max_val is not None) else max_eval
+        out[split] = items[:cap] if cap is not None else items
     return out
 
 
-def _parse_all(task: Task, items: list[_Item], rejects: list[Reject], *, progress: bool, desc: str):
+def _parse_all(task: Task, items: list[_Item], rejects: list[Reject], *, progress: bool, desc: str,
+               memo: dict | None = None):
     from data_pipeline.build.validate import validate
 
     records = []
+    memo = {} if memo is None else memo
     iterator = items
-    if progress and len(items) > 200:
+    if progress and sum((item.entry.key, item.value) not in memo for item in items) > 200:
         from tqdm import tqdm
 
         iterator = tqdm(items, desc=f"parse {desc}", unit="crystal", leave=False)
     for item in iterator:
         entry = item.entry
+        known = memo.get((entry.key, item.value))
+        if isinstance(known, CrystalRecord):
+            records.append(known)
+            continue
+        if known is not None:
+            rejects.append(Reject(entry.key, entry.source, entry.location, known))
+            continue
         try:
             record = item.reader.parse(entry)
             validate(record)
@@ -227,9 +253,29 @@ def _parse_all(task: Task, items: list[_Item], rejects: list[Reject], *, progres
             if not math.isfinite(value):
                 raise RecordError(f"missing_field: no finite {task.target!r} label")
             records.append(with_target(record, task.target, value))
+            memo[(entry.key, item.value)] = records[-1]
         except (RecordError, ValueError) as exc:
             rejects.append(Reject(entry.key, entry.source, entry.location, str(exc)))
+            memo[(entry.key, item.value)] = str(exc)
     return records
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write_split_files(directory: Path, task: Task, data: TaskData, test_pred=None) -> None:
+    """test_predictions.csv (when predictions are given), split_summary.json, train_keys.txt and
+    rejects.csv: the same files for neural and baseline runs, so their subsets can be compared."""
+    if test_pred is not None:
+        with open(directory / "test_predictions.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["key", f"{task.target}_true", f"{task.target}_pred"])
+            writer.writerows(zip((r.key for r in data.test), data.targets("test"), [float(v) for v in test_pred]))
+    (directory / "split_summary.json").write_text(json.dumps(data.summary(), indent=2))
+    (directory / "train_keys.txt").write_text("".join(f"{r.key}\n" for r in data.train))
+    if data.rejects:
+        with open(directory / "rejects.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["key", "source", "location", "reason"])
+            writer.writeheader()
+            writer.writerows(r.as_dict() for r in data.rejects)
 
 
 # ---------------------------------------------------------------------------------------------- export

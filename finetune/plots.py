@@ -59,6 +59,12 @@ def learning_curve_plot(history: list[dict], path: str | Path, *, title: str, un
     return Path(path)
 
 
+_BASELINE_STYLE = {
+    "baseline:magpie-hgb": {"marker": "s", "color": "black", "linestyle": "--"},
+    "baseline:train-mean": {"marker": "x", "color": "grey", "linestyle": ":"},
+}
+
+
 def fraction_plot(table, path: str | Path, *, unit_of: dict[str, str] | None = None) -> Path:
     """Test MAE (mean ± std over seeds) against label fraction, one line per encoder, one panel per task.
     `table`: rows with task, encoder, fraction, mae_mean, mae_std (a pandas DataFrame)."""
@@ -69,7 +75,10 @@ def fraction_plot(table, path: str | Path, *, unit_of: dict[str, str] | None = N
         rows = table[table["task"] == task]
         for encoder in sorted(rows["encoder"].unique()):
             sub = rows[rows["encoder"] == encoder].sort_values("fraction")
-            ax.errorbar(100 * sub["fraction"], sub["mae_mean"], yerr=sub["mae_std"].fillna(0), marker="o", capsize=3, label=encoder)
+            # The baselines are reference lines (black dashed, grey dotted), not competitors.
+            style = _BASELINE_STYLE.get(encoder, {"marker": "o"})
+            ax.errorbar(100 * sub["fraction"], sub["mae_mean"], yerr=sub["mae_std"].fillna(0), capsize=3, label=encoder,
+                        **style)
         ax.set_xscale("log")
         ax.set_xlabel("label fraction (%)")
         unit = (unit_of or {}).get(task, "")

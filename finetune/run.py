@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune.backbone import Backbone, load_backbone, views_dict
 from finetune.config import FinetuneConfig
-from finetune.data import TaskData, load_task_data
+from finetune.data import TaskData, load_task_data, write_split_files
 from finetune.model_dir import save_model_dir
 from finetune.plots import learning_curve_plot, parity_plot
 from finetune.tasks import get_task
@@ -58,7 +58,7 @@ def run_finetune(
     if data is None:
         data = load_task_data(
             task, root=config.data_root, fraction=config.fraction, seed=config.seed,
-            max_train=config.max_train, max_eval=config.max_eval, progress=progress,
+            max_train=config.max_train, max_eval=config.max_eval, max_val=config.max_val, progress=progress,
         )
     if verbose:
         print(f"[finetune] data: {json.dumps(data.summary())}", flush=True)
@@ -169,10 +169,5 @@ def _write_artifacts(tmp: Path, config, task, name, result: FitResult, meta, dat
     import yaml
 
     (dirs["config"] / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
-    (dirs["data"] / "split_summary.json").write_text(json.dumps(data.summary(), indent=2))
-    if data.rejects:
-        with open(dirs["data"] / "rejects.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["key", "source", "location", "reason"])
-            writer.writeheader()
-            writer.writerows(r.as_dict() for r in data.rejects)
+    write_split_files(dirs["data"], task, data)  # split summary, training keys, rejects
     return {"model": tmp / "model", **dirs}

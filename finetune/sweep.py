@@ -2,7 +2,9 @@
 
     expand(sweep)            the run configs, in a fixed order: releases once per mode in `modes`;
                              "scratch" once per cell, as the first release's architecture randomly
-                             initialised (or `train.encoder_config` when given)
+                             initialised (or `train.encoder_config` when given); "baseline" once per
+                             cell: the composition baseline (finetune.baseline: Magpie + gradient
+                             boosting, and the training-mean predictor), same data, fractions, seeds
     select_shard(runs, i, n) runs[i::n]: a SLURM array task runs its share (`--shard i/n`, or
                              SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set)
     run_sweep(sweep)         the driver prepares the MLflow store (schema, experiments), runs the
@@ -19,7 +21,7 @@ import os
 import traceback
 from dataclasses import dataclass
 
-from finetune.config import FinetuneConfig, SweepConfig
+from finetune.config import BASELINE, FinetuneConfig, SweepConfig
 from finetune.tasks import REPO_ROOT
 
 
@@ -38,7 +40,7 @@ class RunSummary:
 
 def expand(sweep: SweepConfig, overrides: dict | None = None) -> list[FinetuneConfig]:
     train = {**sweep.train, **(overrides or {})}
-    releases = [e for e in sweep.encoders if e != "scratch"]
+    releases = [e for e in sweep.encoders if e not in ("scratch", BASELINE)]
     runs = []
     for task in sweep.tasks:
         for encoder in sweep.encoders:
@@ -47,6 +49,8 @@ def expand(sweep: SweepConfig, overrides: dict | None = None) -> list[FinetuneCo
                 if train.get("encoder_config") is None and not releases:
                     raise ValueError("sweep: 'scratch' needs train.encoder_config or a release among encoders")
                 cells = [("scratch" if train.get("encoder_config") is not None else releases[0], "scratch")]
+            elif encoder == BASELINE:
+                cells = [(BASELINE, BASELINE)]
             else:
                 cells = [(encoder, mode) for mode in sweep.modes]
             for source, mode in cells:
@@ -87,6 +91,11 @@ def _run_one(config_dict: dict, threads: int) -> RunSummary:
     config = FinetuneConfig.from_dict(config_dict)
     base = dict(task=config.task, encoder=config.encoder, mode=config.mode, fraction=config.fraction, seed=config.seed)
     try:
+        if config.mode == BASELINE:
+            from finetune.baseline import run_baseline
+
+            first = run_baseline(config, progress=False, verbose=False)[0]  # magpie-hgb, then train-mean
+            return RunSummary(**base, ok=True, run_id=first.run_id, test_mae=first.test.get("mae"))
         outcome = run_finetune(config, progress=False, verbose=False)
         return RunSummary(**base, ok=True, run_id=outcome.run_id, test_mae=outcome.result.test.get("mae"))
     except Exception as error:  # noqa: BLE001 - reported per run
@@ -150,7 +159,7 @@ def _absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
         changes["data_root"] = str(Path(config.data_root).expanduser().resolve())
     if config.task.startswith("csv:"):
         changes["task"] = "csv:" + str(Path(config.task[4:]).expanduser().resolve())
-    if config.encoder != "scratch":
+    if config.encoder not in ("scratch", BASELINE):
         changes["encoder"] = str(Path(config.encoder).expanduser().resolve())
     return config.replace(**changes)
 

@@ -108,7 +108,8 @@ class Tracker:
             return None
         runs = self.client.search_runs(
             [experiment.experiment_id],
-            filter_string="attributes.status = 'FINISHED'",
+            # Only neural runs have a model directory to register (baseline runs have kind "baseline").
+            filter_string="attributes.status = 'FINISHED' and tags.`crystalfm.kind` = 'finetune'",
             order_by=[f"metrics.{SELECT_METRIC} ASC"],
             max_results=1,
         )

@@ -80,6 +80,8 @@ def test_comparison_table_from_mlflow(tmp_path):
         ("scratch", "scratch", 1.0): [0.4, 0.4],
         ("abc123", "full", 1.0): [0.3, 0.5],
         ("abc123", "frozen", 1.0): [0.8],
+        ("baseline:magpie-hgb", "baseline", 0.1): [0.8, 0.8],
+        ("baseline:train-mean", "baseline", 0.1): [2.0],
     })
     _fake_study(tracker, "perov5_heat_ref", {("scratch", "scratch", 1.0): [0.2]})
     table, paths = compare(tmp_path, tasks=["mp20_band_gap"])
@@ -92,9 +94,17 @@ def test_comparison_table_from_mlflow(tmp_path):
     frozen = table[table["encoder"] == "abc123 (frozen-mlp)"].iloc[0]
     assert frozen["gain_vs_scratch_pct"] == pytest.approx(-100.0) and math.isnan(frozen["mae_std"])
     assert table[table["encoder"] == "scratch"]["gain_vs_scratch_pct"].isna().all()
+    # every row of a fraction with a baseline gets "vs baseline"; full and frozen stay separate rows
+    assert row["gain_vs_baseline_pct"] == pytest.approx(100 * (0.8 - 0.6) / 0.8)
+    scratch_01 = table[(table["encoder"] == "scratch") & (table["fraction"] == 0.1)].iloc[0]
+    assert scratch_01["gain_vs_baseline_pct"] == pytest.approx(100 * (0.8 - 1.1) / 0.8)
+    assert table[table["fraction"] == 1.0]["gain_vs_baseline_pct"].isna().all()  # no baseline at 1.0
+    first = table[table["fraction"] == 0.1]["encoder"].tolist()[:3]
+    assert first == ["baseline:train-mean", "baseline:magpie-hgb", "scratch"]
     assert paths["csv"].read_text().splitlines()[0].startswith("task,unit,encoder")
     markdown = paths["markdown"].read_text()
     assert "| mp20_band_gap | abc123 (full) | 0.1 | 3 | 0.6000 ± 0.1000 eV |" in markdown and "+45.5%" in markdown
+    assert "vs baseline" in markdown and "+25.0%" in markdown
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     everything, _ = compare(tmp_path, save_dir=tmp_path / "all")
     assert set(everything["task"]) == {"mp20_band_gap", "perov5_heat_ref"}
