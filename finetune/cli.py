@@ -20,6 +20,7 @@ from pathlib import Path
 # CLI flag → FinetuneConfig field, for `train` (None: not given, the config/default stands).
 _TRAIN_FLAGS = (
     "encoder", "mode", "probe", "readout", "fraction", "seed", "epochs", "batch_size", "lr", "encoder_lr",
+    "lr_grid", "lr_select", "lr_select_seed",
     "weight_decay", "patience", "max_train", "max_eval", "max_val", "num_workers", "device", "data_root", "out",
     "tracking_uri", "target_name", "unit", "dropout",
 )
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--encoder", help="release directory, or 'scratch'")
     train.add_argument("--encoder-config", help="architecture for --encoder scratch: an encoder name or JSON, "
                                                 "e.g. '{\"name\": \"pddformer\", \"width\": 128}'")
-    train.add_argument("--mode", choices=["full", "frozen", "scratch"])
+    train.add_argument("--mode", choices=["full", "frozen", "scratch", "baseline"])
     train.add_argument("--probe", choices=["mlp", "linear"], help="head of a frozen encoder")
     train.add_argument("--readout", choices=["mean", "sum", "attention"])
     train.add_argument("--fraction", type=float, help="fraction of training labels (0, 1]")
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--encoder-lr", type=float)
+    train.add_argument("--lr-grid", type=float, nargs="+", help="learning rates to choose from on validation MAE "
+                                                                "(head and encoder together)")
+    train.add_argument("--lr-select", choices=["first_seed", "per_run"])
+    train.add_argument("--lr-select-seed", type=int, help="the seed that chooses (first_seed); default: this run's")
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--dropout", type=float)
     train.add_argument("--patience", type=int)
@@ -193,7 +198,8 @@ def cmd_sweep(args) -> int:
         runs = expand(sweep, overrides)
         runs = select_shard(runs, *shard) if shard else runs
         for run in runs:
-            print(f"{run.task}  {run.encoder}  {run.mode}  fraction={run.fraction:g}  seed={run.seed}")
+            lr = f"  lr_grid={run.lr_grid} ({run.lr_select}, seed {run.selection_seed})" if run.lr_grid else ""
+            print(f"{run.task}  {run.encoder}  {run.mode}  fraction={run.fraction:g}  seed={run.seed}{lr}")
         print(f"{len(runs)} runs")
         return 0
     summaries = run_sweep(sweep, out=args.out, tracking_uri=args.tracking_uri, shard=shard, overrides=overrides)

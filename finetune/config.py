@@ -11,6 +11,7 @@ from typing import Any
 from crystalfm_common.config import from_dict as dataclass_from_dict
 
 MODES = ("full", "frozen", "scratch", "baseline")
+LR_SELECT = ("first_seed", "per_run")
 BASELINE = "baseline"  # the composition baseline arm (finetune.baseline): no encoder at all
 PROBES = ("mlp", "linear")
 
@@ -45,15 +46,25 @@ class FinetuneConfig:
     dropout: float = 0.0
     fraction: float = 1.0  # fraction of the task's training labels used (nested across fractions)
     seed: int = 0
+    # The maximum: early stopping on validation MAE (`patience`) ends a run once it has converged.
     epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3  # head (and scratch encoder) learning rate
     encoder_lr: float | None = None  # full fine-tuning: encoder learning rate (default: lr)
+    # Learning-rate selection on the validation split (finetune.lr_select): each candidate sets the
+    # head AND encoder learning rate (one value for both, in every mode: scratch, full and frozen
+    # alike); the candidate with the lowest best-epoch validation MAE is kept. Excludes encoder_lr.
+    lr_grid: list[float] | None = None
+    # first_seed: chosen once per (task, encoder, mode, fraction, ...) cell on `lr_select_seed` and
+    # reused by the other seeds; per_run: every run chooses on its own seed.
+    lr_select: str = "first_seed"
+    lr_select_seed: int | None = None  # default: the sweep's first seed (a single run: its own seed)
     weight_decay: float = 0.0
     scheduler: str = "cosine"  # cosine | constant
     warmup_epochs: float = 0.0
     grad_clip: float | None = 5.0
-    patience: int | None = None  # early stopping on validation MAE (epochs); None: off
+    # Early stopping: epochs without a better validation MAE before the run stops; None: off.
+    patience: int | None = 15
     normalize: str = "standard"  # target normalisation: standard | none
     max_train: int | None = None  # cap on training crystals after the fraction (quick runs)
     max_eval: int | None = None  # cap on validation and test crystals each; None: the whole split
@@ -71,7 +82,7 @@ class FinetuneConfig:
     def __post_init__(self):
         _coerce(self, float, ("fraction", "lr", "encoder_lr", "weight_decay", "warmup_epochs", "grad_clip", "dropout"))
         _coerce(self, int, ("seed", "epochs", "batch_size", "patience", "max_train", "max_eval", "max_val",
-                             "num_workers"))
+                             "num_workers", "lr_select_seed"))
         if self.encoder == "scratch":
             self.mode = "scratch"
         if self.encoder == BASELINE or self.mode == BASELINE:
@@ -90,6 +101,22 @@ class FinetuneConfig:
                 "--encoder-config '{\"name\": \"pddformer\"}') or a release directory with --mode scratch"
             )
         self.head_hidden = [int(x) for x in self.head_hidden]
+        if self.lr_grid is not None:
+            if isinstance(self.lr_grid, (int, float, str)):
+                self.lr_grid = [self.lr_grid]
+            try:
+                self.lr_grid = [float(x) for x in self.lr_grid]
+            except (TypeError, ValueError):
+                raise ValueError(f"lr_grid must be a list of numbers, got {self.lr_grid!r}") from None
+            if not self.lr_grid or any(not x > 0 for x in self.lr_grid):
+                raise ValueError(f"lr_grid must be a non-empty list of positive learning rates, got {self.lr_grid}")
+            if self.encoder_lr is not None and self.mode != BASELINE:
+                raise ValueError(
+                    "lr_grid and encoder_lr exclude each other: each grid candidate sets the head and the encoder "
+                    "learning rate together; drop encoder_lr (or lr_grid, to keep an explicit encoder_lr)"
+                )
+        if self.lr_select not in LR_SELECT:
+            raise ValueError(f"lr_select must be one of {LR_SELECT}, got {self.lr_select!r}")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "FinetuneConfig":
@@ -100,6 +127,13 @@ class FinetuneConfig:
 
     def replace(self, **changes) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def selection_seed(self) -> int:
+        """The seed whose run chooses the learning rate (lr_select first_seed), or this run's own."""
+        if self.lr_select == "per_run" or self.lr_select_seed is None:
+            return self.seed
+        return self.lr_select_seed
 
     @property
     def head_layers(self) -> tuple[int, ...]:

@@ -53,6 +53,8 @@ def run_finetune(
 ) -> RunOutcome:
     task = get_task(config.task, target_name=config.target_name, unit=config.unit)
     resolved = {**config.to_dict(), "task_spec": task.to_dict(), "git_commit": git_commit()}
+    if config.lr_grid:
+        resolved["lr"] = "chosen from lr_grid (tag lr_selected)"  # the config's lr is not used
     if verbose:
         print(f"[finetune] config:\n{json.dumps(resolved, indent=2, default=str)}", flush=True)
     if data is None:
@@ -69,9 +71,27 @@ def run_finetune(
     if tracker is not None:
         tracker.start(task.name, name, _tags(config, task, backbone), resolved)
     try:
-        on_epoch = (lambda epoch, metrics: tracker.log_metrics(metrics, step=epoch)) if tracker else None
-        result = fit(config, data, backbone, on_epoch=on_epoch, progress=progress)
+        log = (lambda metrics, step: tracker.log_metrics(metrics, step=step)) if tracker else None
+        selection = None
+        if config.lr_grid:
+            from finetune.lr_select import fit_with_lr_grid
+
+            result, selection = fit_with_lr_grid(config, data, backbone, log=log, progress=progress)
+            if tracker is not None:
+                tracker.set_tags(selection.tags())
+                tracker.log_metrics({"lr_selected": selection.lr})
+                for index, mae in enumerate(selection.val_mae):
+                    tracker.log_metrics({"lr_candidate": selection.grid[index], "lr_candidate_val_mae": mae}, step=index)
+                if selection.source == "this run" and selection.seed == config.seed:
+                    for epoch, metrics in enumerate(result.history, start=1):  # the winner's curve, as the run's
+                        tracker.log_metrics(metrics, step=epoch)
+        else:
+            on_epoch = (lambda epoch, metrics: log(metrics, epoch)) if log else None
+            result = fit(config, data, backbone, on_epoch=on_epoch, progress=progress)
         meta = _model_meta(config, task, backbone, result, data)
+        if selection is not None:
+            meta["lr_selection"] = selection.to_dict()
+            resolved["lr_selection"] = selection.to_dict()
         outcome = RunOutcome(result, meta, run_id=tracker.run_id if tracker else None)
         with tempfile.TemporaryDirectory(prefix="crystalfm-finetune-") as tmp:
             artifacts = _write_artifacts(Path(tmp), config, task, name, result, meta, data, resolved)
@@ -82,6 +102,8 @@ def run_finetune(
             if tracker is not None:
                 summary = {
                     "best_epoch": result.best_epoch,
+                    "epochs_run": result.epochs_run,
+                    "diverged": float(result.diverged),
                     "train_seconds": result.train_seconds,
                     "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
                     "n_rejects": len(data.rejects),
@@ -101,9 +123,12 @@ def run_finetune(
         if tracker is not None:
             tracker.finish("FAILED")
         raise
+    if verbose and selection is not None:
+        print(f"[finetune] lr grid {selection.grid}: val MAE {[round(m, 5) for m in selection.val_mae]} "
+              f"(seed {selection.seed}, {selection.source}) → lr {selection.lr:g}", flush=True)
     if verbose:
         print(
-            f"[finetune] {task.name} {name}: best epoch {result.best_epoch}, val {_fmt(result.val)}, "
+            f"[finetune] {task.name} {name}: best epoch {result.best_epoch} of {result.epochs_run}, val {_fmt(result.val)}, "
             f"test {_fmt(result.test)} ({task.unit}); model: {outcome.model_uri}",
             flush=True,
         )
@@ -145,7 +170,8 @@ def _model_meta(config: FinetuneConfig, task, backbone: Backbone, result: FitRes
         "fraction": config.fraction,
         "seed": config.seed,
         "data": data.summary(),
-        "metrics": {"val": result.val, "test": result.test, "best_epoch": result.best_epoch},
+        "metrics": {"val": result.val, "test": result.test, "best_epoch": result.best_epoch,
+                    "epochs_run": result.epochs_run},
         "git_commit": git_commit(),
     }
 

@@ -5,6 +5,8 @@
                              initialised (or `train.encoder_config` when given); "baseline" once per
                              cell: the composition baseline (finetune.baseline: Magpie + gradient
                              boosting, and the training-mean predictor), same data, fractions, seeds
+                             With `lr_grid` and `lr_select: first_seed`, the sweep's first seed
+                             chooses each cell's learning rate and its runs are listed first
     select_shard(runs, i, n) runs[i::n]: a SLURM array task runs its share (`--shard i/n`, or
                              SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set)
     run_sweep(sweep)         the driver prepares the MLflow store (schema, experiments), runs the
@@ -58,7 +60,14 @@ def expand(sweep: SweepConfig, overrides: dict | None = None) -> list[FinetuneCo
                     for seed in sweep.seeds:
                         fields = {**train, "task": task, "encoder": source, "mode": mode, "fraction": fraction,
                                   "seed": seed, "register": False}
+                        if train.get("lr_grid") and train.get("lr_select_seed") is None:
+                            fields["lr_select_seed"] = sweep.seeds[0]  # first_seed: the sweep's first seed chooses
                         runs.append(FinetuneConfig.from_dict(fields))
+    # With a learning-rate grid chosen on the first seed, the choosing runs go first: shards and
+    # parallel workers then start on different cells' grids instead of waiting on one cell's lock.
+    choosing = [r for r in runs if r.lr_grid and r.lr_select == "first_seed" and r.mode != BASELINE]
+    if choosing:
+        runs.sort(key=lambda r: 0 if r.seed == r.selection_seed or not r.lr_grid or r.mode == BASELINE else 1)
     return runs
 
 

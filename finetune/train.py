@@ -8,7 +8,9 @@
                      cached, so a linear/MLP probe trains at the speed of the head alone
         step         MSE on normalised targets (missing labels masked), AdamW, warmup + cosine
         epoch end    validation MAE/RMSE/R² in physical units; the best-validation weights are
-                     kept (and restored at the end); optional early stopping
+                     kept (and restored at the end); early stopping after `patience` epochs
+                     without a better validation MAE (`epochs` is the maximum); a non-finite
+                     training loss stops the run at once (`diverged`: a too-large learning rate)
         end          test metrics and predictions with the best weights
 """
 from __future__ import annotations
@@ -48,6 +50,8 @@ class FitResult:
     test: dict = field(default_factory=dict)
     test_predictions: Predictions | None = None
     train_seconds: float = 0.0
+    epochs_run: int = 0  # < config.epochs when early stopping (or divergence) ended the run
+    diverged: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -138,8 +142,12 @@ def fit(
             "train_crystals_per_s": seen / max(seconds, 1e-9),
         }
         result.history.append(record)
+        result.epochs_run = epoch
         if on_epoch is not None:
             on_epoch(epoch, record)
+        if not math.isfinite(train_loss):
+            result.diverged = True  # nothing after this can recover: stop, keep the best epoch so far
+            break
         if score < best_mae:
             best_mae, stale, result.best_epoch = score, 0, epoch
             best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
