@@ -198,7 +198,8 @@ def cmd_sweep(args) -> int:
         runs = expand(sweep, overrides)
         runs = select_shard(runs, *shard) if shard else runs
         for run in runs:
-            lr = f"  lr_grid={run.lr_grid} ({run.lr_select}, seed {run.selection_seed})" if run.lr_grid else ""
+            lr = (f"  lr_grid={run.lr_grid} ({run.lr_select}, seed {run.selection_seed})"
+                  if run.lr_grid and run.mode != "baseline" else "")
             print(f"{run.task}  {run.encoder}  {run.mode}  fraction={run.fraction:g}  seed={run.seed}{lr}")
         print(f"{len(runs)} runs")
         return 0
