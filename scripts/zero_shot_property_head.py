@@ -7,7 +7,7 @@ torch.set_num_threads(1)
 from finetune.data import load_task_data
 from finetune.tasks import get_task
 from pretrain.release import load_pretrained
-from data_pipeline.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, collate
 from pretrain.objectives.config import encoder_views
 obj = load_pretrained(sys.argv[1]).eval()
 data = load_task_data(get_task("mp20_formation_energy_per_atom"), fraction=1.0, seed=0, max_eval=None)
