@@ -4,8 +4,12 @@ Two rules:
   radius  every periodic image within `cutoff` Å;
   knn     the k nearest periodic neighbours of every atom, searched within `cutoff` Å, the
           cutoff growing (×1.5) until every atom has at least k candidates, up to `max_cutoff`
-          (PDDFormer: k=25 within 4 Å; Matformer: k=12 within 8 Å). Ties at equal distance are
-          broken by (sender, image) so the list is deterministic.
+          (PDDFormer: k=25 within 4 Å; Matformer: k=12 within 8 Å). Candidates that tie with
+          the k-th nearest (within `tie_tolerance`, 1e-5 Å) are all kept, so an atom may get more
+          than k edges: which neighbours an atom has is then a function of the crystal, not of
+          the order its atoms are listed in (a cut inside a tie would pick by atom index). Edges
+          are ordered by (distance, sender, image) within each receiver so the list is
+          deterministic for a given atom order.
 Optionally 6 self-edges per atom along ±a, ±b, ±c (the lattice vectors themselves), as
 ComFormer/PDDFormer add to expose the cell to the network.
 
@@ -36,6 +40,10 @@ class NeighborRule:
     k: int = 25
     max_cutoff: float = 24.0  # knn stops growing here (a crystal this sparse is almost empty)
     lattice_self_edges: bool = False
+    # knn: candidates at most this far (Å) beyond the k-th distance tie with it and are kept. Above
+    # float noise (1e-12) and the rounding of CIF coordinates (MP-20: near-ties of 1e-7..1e-5 Å
+    # between atoms a symmetric cell makes equivalent), below real distance differences.
+    tie_tolerance: float = 1e-5
 
     def __post_init__(self):
         if self.kind not in ("knn", "radius"):
@@ -94,8 +102,8 @@ def _pairs(cart, lattice, cutoff, backend):
 def _knn_start_radius(n: int, lattice: np.ndarray, rule: NeighborRule) -> float:
     """A search radius expected to hold ~1.5 k neighbours at the crystal's mean density.
 
-    Starting there instead of at `rule.cutoff` gives the same k nearest (once every atom has k
-    candidates strictly inside a radius, its k nearest, ties included, all lie inside it), with
+    Starting there instead of at `rule.cutoff` gives the same k nearest (the search grows until
+    every atom's k-th distance plus the tie tolerance lies strictly inside the radius), with
     far fewer candidate pairs to sort when the cutoff is generous (k=12 within 6 Å: ~10x fewer).
     """
     volume = abs(np.linalg.det(lattice))
@@ -119,21 +127,25 @@ def compute_neighbors(frac_coords: np.ndarray, lattice: np.ndarray, rule: Neighb
         dst, src, shift, dist = _pairs(cart, lattice, cutoff, backend)
         inside = dist < cutoff  # strict, whatever the backend's own convention at the boundary
         dst, src, shift, dist = dst[inside], src[inside], shift[inside], dist[inside]
-        if rule.kind == "radius":
+        if rule.kind == "radius" or n == 0:
             break
+        # Deterministic order: receiver, then distance (to 1e-10 Å, so float noise cannot reorder
+        # ties), then sender and image as tie-breakers.
+        order = np.lexsort((_image_code(shift), src, np.round(dist, 10), dst))
+        dst, src, shift, dist = dst[order], src[order], shift[order], dist[order]
         counts = np.bincount(dst, minlength=n)
-        if n == 0 or counts.min() >= rule.k or cutoff >= rule.max_cutoff:
+        enough = counts >= rule.k
+        kth = np.full(n, np.inf)  # [n] each atom's k-th nearest distance (inf: fewer candidates)
+        kth[enough] = dist[(np.cumsum(counts) - counts)[enough] + rule.k - 1]
+        # complete once every atom has k candidates and all those tied with its k-th lie inside
+        if (enough.all() and kth.max() + rule.tie_tolerance < cutoff) or cutoff >= rule.max_cutoff:
+            keep = dist <= kth[dst] + rule.tie_tolerance  # an atom short of k keeps all it has
+            dst, src, shift, dist = dst[keep], src[keep], shift[keep], dist[keep]
             break
         cutoff = min(cutoff * 1.5, rule.max_cutoff)
-    # Deterministic order: receiver, then distance (to 1e-10 Å, so float noise cannot reorder
-    # ties), then sender and image as tie-breakers.
-    order = np.lexsort((_image_code(shift), src, np.round(dist, 10), dst))
-    dst, src, shift, dist = dst[order], src[order], shift[order], dist[order]
-    if rule.kind == "knn" and len(dst):
-        counts = np.bincount(dst, minlength=n)
-        first = np.repeat(np.cumsum(counts) - counts, counts)  # index of each edge's group start
-        keep = (np.arange(len(dst)) - first) < rule.k
-        dst, src, shift, dist = dst[keep], src[keep], shift[keep], dist[keep]
+    if rule.kind == "radius":
+        order = np.lexsort((_image_code(shift), src, np.round(dist, 10), dst))
+        dst, src, shift, dist = dst[order], src[order], shift[order], dist[order]
     if rule.lattice_self_edges and n:
         atoms = np.repeat(np.arange(n, dtype=np.int64), 6)
         self_shift = np.tile(_LATTICE_SHIFTS, (n, 1))

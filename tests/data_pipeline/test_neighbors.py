@@ -53,23 +53,45 @@ def test_radius_rule_matches_pymatgen_get_neighbor_list(mp20_records):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_knn_rule_gives_the_k_nearest(mp20_records, backend):
+def test_knn_rule_gives_the_k_nearest_and_every_tie(mp20_records, backend):
+    """Each atom gets its k nearest and every other candidate within the tie tolerance of the k-th."""
     rule = NeighborRule(kind="knn", k=12, cutoff=4.0)
+    extra = 0
     for record in mp20_records[:24]:
         nl = compute_neighbors(record.frac_coords, record.lattice, rule, backend=backend)
-        assert np.array_equal(np.bincount(nl.dst, minlength=record.num_atoms), np.full(record.num_atoms, 12))
-        ref = brute_force(record.frac_coords, record.lattice, 9.0)
+        ref_dst, ref_src, ref_shift, ref_dist = brute_force(record.frac_coords, record.lattice, 9.0)
         for i, got in enumerate(per_atom_distances(nl, record.num_atoms)):
-            want = np.sort(ref[3][ref[0] == i])[:12]
-            np.testing.assert_allclose(got, want, atol=1e-9, err_msg=record.key)
+            want = np.sort(ref_dist[ref_dst == i])
+            kth = want[rule.k - 1]
+            np.testing.assert_allclose(got[: rule.k], want[: rule.k], atol=1e-9, err_msg=record.key)
+            assert len(got) == np.count_nonzero(want <= kth + rule.tie_tolerance), record.key
+            extra += len(got) - rule.k
+        # the very edges, not only their lengths
+        mine = (ref_dist <= np.array([np.sort(ref_dist[ref_dst == i])[rule.k - 1] for i in ref_dst]) + rule.tie_tolerance)
+        assert edge_set(nl.dst, nl.src, nl.shift) == edge_set(ref_dst[mine], ref_src[mine], ref_shift[mine]), record.key
+    assert extra > 0, "no tie at the k-th distance in 24 MP-20 crystals: the test would not see the rule"
+
+
+def test_knn_graph_is_a_function_of_the_crystal(mp20_records):
+    """Under a random atom order the kNN edge set maps onto itself exactly (ties included), for
+    PDDFormer's and Matformer's rules on the first 64 MP-20 crystals."""
+    rng = np.random.default_rng(7)
+    for rule in (NeighborRule(kind="knn", k=25, cutoff=4.0), NeighborRule(kind="knn", k=12, cutoff=8.0)):
+        for record in mp20_records:
+            base = compute_neighbors(record.frac_coords, record.lattice, rule)
+            perm = rng.permutation(record.num_atoms)  # new atom j is old atom perm[j]
+            moved = compute_neighbors(record.frac_coords[perm], record.lattice, rule)
+            assert edge_set(perm[moved.dst], perm[moved.src], moved.shift) == edge_set(base.dst, base.src, base.shift), (
+                record.key, rule.k)
 
 
 def test_tiny_cells_grow_the_cutoff():
-    # one atom in a 2.5 Å cube: 6 neighbours within 4 Å, 25 requested → the search must grow
+    # one atom in a 2.5 Å cube: 6 neighbours within 4 Å, 25 requested → the search must grow; the
+    # shells hold 6 + 12 + 8, so the 25th ties with the whole third shell and all 26 are kept
     frac, lattice = np.zeros((1, 3)), np.eye(3) * 2.5
     nl = compute_neighbors(frac, lattice, NeighborRule(kind="knn", k=25, cutoff=4.0))
-    assert len(nl.dst) == 25 and np.all(nl.src == 0)  # all edges to its own periodic images
-    want = np.sort(brute_force(frac, lattice, 10.0)[3])[:25]
+    assert len(nl.dst) == 26 and np.all(nl.src == 0)  # all edges to its own periodic images
+    want = np.sort(brute_force(frac, lattice, 10.0)[3])[:26]
     np.testing.assert_allclose(nl.distance, want, atol=1e-12)
     assert not np.any(np.all(nl.shift == 0, axis=1))  # never an edge to itself in the home cell
     # two atoms, thin cell: k above what max_cutoff can hold returns everything inside max_cutoff
