@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int)
     b.add_argument("--shard-bytes", type=_size, metavar="SIZE", help="target shard size, e.g. 128MB")
     b.add_argument("--chunk-size", type=int, help="raw entries per task / resumable work file")
+    b.add_argument("--pdd-k", type=int, metavar="K",
+                   help="store each crystal's PDD rows with K neighbours in its sample (PDDFormer: 92)")
     b.add_argument("--force", action="store_true", help="replace a finished or unfinished build of another config in --out")
     b.add_argument("--keep-work", action="store_true", help="keep the intermediate work dir (_work/) after success")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -87,7 +89,7 @@ def config_from_args(args):
         changes["exclude"] = tuple(config.exclude) + tuple(SourceSpec.parse(t) for t in args.exclude)
     for flag, name in (("out", "out"), ("ray_address", "ray_address"), ("num_workers", "num_workers"),
                        ("split_by", "split_by"), ("splits", "splits"), ("seed", "seed"),
-                       ("shard_bytes", "shard_bytes"), ("chunk_size", "chunk_size")):
+                       ("shard_bytes", "shard_bytes"), ("chunk_size", "chunk_size"), ("pdd_k", "pdd_k")):
         value = getattr(args, flag)
         if value is not None:
             changes[name] = value

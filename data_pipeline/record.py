@@ -37,6 +37,8 @@ SCALAR_LABELS = ("energy", "energy_per_atom", "formation_energy_per_atom", "e_ab
 # Per-atom or per-crystal array labels with their expected shape given N atoms.
 ARRAY_LABELS = {"forces": lambda n: (n, 3), "stress": lambda n: (3, 3), "magmoms": lambda n: (n,)}
 
+_STRUCTURE_FIELDS = frozenset(("atomic_numbers", "frac_coords", "lattice"))
+
 MAX_Z = 100  # one-hot width of the token view; elements beyond fermium are rejected
 
 
@@ -91,6 +93,10 @@ class CrystalRecord:
     stress: np.ndarray | None = None  # [3, 3]
     magmoms: np.ndarray | None = None  # [N]
     properties: dict[str, float] = field(default_factory=dict)
+    # Derived, not data: the PDD rows of `pdd_features` below ([N, k + 1]) when a
+    # data build or a fine-tune cache computed them once (`BuildConfig.pdd_k`); None otherwise.
+    # The collate uses them when their k matches and computes the rows itself when not.
+    pdd: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.atomic_numbers = np.asarray(self.atomic_numbers, dtype=np.int64).reshape(-1)
@@ -103,6 +109,10 @@ class CrystalRecord:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, np.asarray(value, dtype=np.float64))
+        if self.pdd is not None:
+            self.pdd = np.asarray(self.pdd, dtype=np.float64)
+            if self.pdd.ndim != 2 or self.pdd.shape[0] != self.num_atoms or self.pdd.shape[1] < 2:
+                raise ValueError(f"{self.key}: pdd must be [{self.num_atoms}, k + 1] rows, got shape {self.pdd.shape}")
         if not self.group:
             self.group = self.key
 
@@ -126,6 +136,10 @@ class CrystalRecord:
         return out
 
     def replace(self, **changes: Any) -> "CrystalRecord":
+        """A copy with `changes`; a new structure (numbers, coordinates, lattice) drops the PDD rows
+        derived from the old one unless `pdd` is given too."""
+        if "pdd" not in changes and _STRUCTURE_FIELDS.intersection(changes):
+            changes["pdd"] = None
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ conversions
@@ -213,3 +227,41 @@ def polar6_to_matrix(polar6: np.ndarray) -> np.ndarray:
     out[..., iu[0], iu[1]] = polar6
     out[..., iu[1], iu[0]] = polar6
     return out
+
+
+# ------------------------------------------------------------------ PDD rows (a derived view)
+def pdd_features(record: "CrystalRecord", k: int) -> np.ndarray:
+    """[N, k+1] per-atom pointwise distance distribution rows (average-minimum-distance).
+
+    Column 0 (amd's weight column, 1/N for an uncollapsed PDD) is replaced by Z_i / ΣZ so the
+    row also says which element sits there (the PDDFormer input); columns 1..k are the atom's
+    sorted distances to its k nearest periodic neighbours (Å). `lexsort=False` keeps row i on atom i
+    (amd sorts rows lexicographically by default, which would hand atoms other atoms' rows).
+    Distances include the atom's own periodic images and exclude itself. amd JIT-compiles on its
+    first call in a process (seconds): the loader warms it once per worker (`load.loader.warm_pdd`).
+    It lives here, on the floor under both wings, because a data build stores these rows in shards
+    (`BuildConfig.pdd_k`) and the loader's collate reads or computes the same rows.
+    """
+    import amd
+
+    periodic_set = amd.PeriodicSet(record.cart_coords, record.lattice, types=record.atomic_numbers)
+    pdd = np.asarray(amd.PDD(periodic_set, k, lexsort=False, collapse=False), dtype=np.float64)
+    z = record.atomic_numbers.astype(np.float64)
+    pdd[:, 0] = z / z.sum()
+    return pdd
+
+
+def record_pdd(record: "CrystalRecord", k: int) -> np.ndarray:
+    """[N, k+1] PDD rows of a record: the ones it carries (stored by a data build with `pdd_k`, or
+    filled by a fine-tune cache) when their k matches, else computed now by `pdd_features`.
+    Both give the same float64 numbers: the stored rows are `pdd_features`' output."""
+    if record.pdd is not None and record.pdd.shape[1] == k + 1:
+        return record.pdd
+    return pdd_features(record, k)
+
+
+def with_pdd(record: "CrystalRecord", k: int) -> "CrystalRecord":
+    """The record carrying its PDD rows for k (the same record when it already does)."""
+    if record.pdd is not None and record.pdd.shape[1] == k + 1:
+        return record
+    return record.replace(pdd=pdd_features(record, k))

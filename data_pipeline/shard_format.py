@@ -2,7 +2,10 @@
 
     <name>.json         key, source, group, scalar labels, properties (sorted keys, compact)
     <name>.safetensors  atomic_numbers int64 [N], frac_coords f64 [N,3], lattice f64 [3,3],
-                        and forces / stress / magmoms when present
+                        and forces / stress / magmoms when present; optionally pdd f64 [N,k+1]
+                        (the PDD rows of `record.pdd_features`, when the build asked for them
+                        with `pdd_k`: derived from the structure, stored so no epoch recomputes
+                        them). A sample without it is complete: readers compute the rows then.
 
 `<name>` is the record key made safe for tar member names and webdataset (which splits the
 sample name at the first dot): every character outside [A-Za-z0-9_:-] becomes '_'. The exact key
@@ -24,6 +27,7 @@ from data_pipeline.record import ARRAY_LABELS, SCALAR_LABELS, CrystalRecord
 SCHEMA_VERSION = 1
 JSON_EXT = "json"
 ARRAYS_EXT = "safetensors"
+PDD_ARRAY = "pdd"  # optional member of the arrays (schema 1 readers ignore unknown arrays)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_:\-]")
 
 
@@ -62,6 +66,8 @@ def encode_record(record: CrystalRecord) -> dict[str, bytes | str]:
         value = getattr(record, name)
         if value is not None:
             arrays[name] = np.ascontiguousarray(value, dtype=np.float64)
+    if record.pdd is not None:  # absent unless asked for: samples without it keep their exact bytes
+        arrays[PDD_ARRAY] = np.ascontiguousarray(record.pdd, dtype=np.float64)
     return {
         "__key__": sample_name(record.key),
         JSON_EXT: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode(),
@@ -81,6 +87,13 @@ def decode_sample(sample: dict) -> CrystalRecord:
         raise ShardFormatError(f"sample {name!r}: cannot decode ({type(exc).__name__}: {exc})") from exc
     labels = {k: meta[k] for k in SCALAR_LABELS if k in meta}
     labels.update({k: arrays[k] for k in ARRAY_LABELS if k in arrays})
+    try:
+        return _record(meta, arrays, labels)
+    except ValueError as exc:  # e.g. a pdd member whose rows do not match the atoms
+        raise ShardFormatError(f"sample {name!r}: {exc}") from exc
+
+
+def _record(meta: dict, arrays: dict, labels: dict) -> CrystalRecord:
     return CrystalRecord(
         key=meta["key"],
         source=meta["source"],
@@ -89,6 +102,7 @@ def decode_sample(sample: dict) -> CrystalRecord:
         frac_coords=arrays["frac_coords"],
         lattice=arrays["lattice"],
         properties=meta.get("properties", {}),
+        pdd=arrays.get(PDD_ARRAY),
         **labels,
     )
 
@@ -140,6 +154,8 @@ def decode_fast(meta_bytes: bytes, arrays_bytes: bytes) -> CrystalRecord | None:
             dtype = np.int64
         elif name in _FLOAT_ARRAYS and spec["dtype"] == "F64" and shape == _expected_shape(name, n):
             dtype = np.float64
+        elif name == PDD_ARRAY and spec["dtype"] == "F64" and len(shape) == 2 and shape[0] == n and shape[1] >= 2:
+            dtype = np.float64
         else:
             return None
         count = math.prod(shape)
@@ -161,4 +177,5 @@ def decode_fast(meta_bytes: bytes, arrays_bytes: bytes) -> CrystalRecord | None:
     for name in ARRAY_LABELS:
         fields[name] = arrays.get(name)
     fields["properties"] = meta.get("properties", {})
+    fields["pdd"] = arrays.get(PDD_ARRAY)
     return record

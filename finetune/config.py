@@ -70,6 +70,7 @@ class FinetuneConfig:
     max_eval: int | None = None  # cap on validation and test crystals each; None: the whole split
     max_val: int | None = None  # cap on validation crystals only; None: as max_eval
     num_workers: int = 0  # DataLoader workers building neighbour lists / tokens
+    cache_views: bool = True  # PDD rows and neighbour lists computed once per crystal, reused every epoch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data_root: str | None = None  # default: $CRYSTALFM_SHARED_DATA or ../shared/data beside the repo
     out: str = "finetune_runs"  # root of the default MLflow store, artifacts and model dirs

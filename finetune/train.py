@@ -3,7 +3,8 @@
     fit(config, data, backbone) → FitResult
         normaliser   mean/std of the training targets (stored with the head)
         batches      train: records shuffled per epoch (seeded) and collated with the encoder's
-                     views; val/test: collated once and kept (their order never changes)
+                     views, from PDD rows and neighbour lists computed once (`cache_views`);
+                     val/test: collated once and kept (their order never changes)
         frozen mode  the encoder runs once per training batch and its per-atom latents are
                      cached, so a linear/MLP probe trains at the speed of the head alone
         step         MSE on normalised targets (missing labels masked), AdamW, warmup + cosine
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.load.collate import BatchViews, collate
+from data_pipeline.load.collate import BatchViews, NeighborCache, collate, with_pdd
 from finetune.backbone import Backbone, views_for
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData, target_of
@@ -79,13 +80,14 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 class TargetCollate:
-    """records → (CrystalBatch, y [B]); a top-level class so DataLoader workers can pickle it."""
+    """records → (CrystalBatch, y [B]); a top-level class so DataLoader workers can pickle it.
+    `neighbors`: a NeighborCache for the views' rule, so no epoch searches neighbours again."""
 
-    def __init__(self, views: BatchViews, target: str):
-        self.views, self.target = views, target
+    def __init__(self, views: BatchViews, target: str, neighbors: NeighborCache | None = None):
+        self.views, self.target, self.neighbors = views, target, neighbors
 
     def __call__(self, records):
-        batch = collate(records, self.views)
+        batch = collate(records, self.views, neighbors=self.neighbors)
         y = torch.tensor([target_of(r, self.target) for r in records], dtype=torch.float32)  # [B]
         return batch, y
 
@@ -111,9 +113,12 @@ def fit(
     normalizer = TargetNormalizer.fit(torch.tensor(data.targets("train"), dtype=torch.float64), config.normalize)
     model = build_model(config, backbone, normalizer).to(device)
     collate_fn = TargetCollate(views, target)
+    train_records, train_collate = data.train, collate_fn
+    if config.cache_views and config.mode != "frozen":  # frozen mode collates its batches once anyway
+        train_records, train_collate = cache_views(data.train, views, target)
 
-    train_batches = _train_batches(config, data.train, collate_fn)
-    val_batches = _fixed_batches(data.val, collate_fn, config.batch_size)
+    train_batches = _train_batches(config, train_records, train_collate)
+    val_batches = _fixed_batches(data.val, collate_fn, config.batch_size)  # collated once, kept
     steps_per_epoch = max(1, math.ceil(len(data.train) / config.batch_size))
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
@@ -164,6 +169,17 @@ def fit(
     if test_batches:
         result.test, result.test_predictions = evaluate(model, test_batches, device)
     return result
+
+
+def cache_views(records: Sequence, views: BatchViews, target: str) -> tuple[list, TargetCollate]:
+    """The training crystals' view inputs, computed once before the first epoch: records that carry
+    their PDD rows, and a collate holding every crystal's neighbour list, so later epochs only
+    concatenate. The batches are the ones the per-batch path builds, number for number (tested)."""
+    records = list(records)
+    if views.pdd_k is not None:
+        records = [with_pdd(r, views.pdd_k) for r in records]
+    neighbors = NeighborCache(views.graph, records) if views.graph is not None else None
+    return records, TargetCollate(views, target, neighbors)
 
 
 def _train_batches(config: FinetuneConfig, records: Sequence, collate_fn: TargetCollate):

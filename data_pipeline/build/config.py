@@ -114,6 +114,11 @@ class BuildConfig:
     shard_bytes: int = 128 * 1024 * 1024  # target tar size; a shard closes once it would pass this
     chunk_size: int = 256  # raw entries per Ray task (and per resumable work file)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    # Store each crystal's PDD rows (k neighbours, `record.pdd_features`) in its sample, so loaders
+    # of PDDFormer-style encoders (k = 92) read them instead of computing them every epoch. None:
+    # not stored, and the key is left out of the config record (shards, manifest and fingerprint
+    # of a build without it are those of a build before the option existed).
+    pdd_k: int | None = None
     # runtime fields (do not change the output bytes)
     out: str = "shards"
     executor: str = "ray"  # "inline" runs the same stages in this process without Ray
@@ -140,6 +145,8 @@ class BuildConfig:
             raise ConfigError(f"shard_bytes must be at least 4096, got {self.shard_bytes}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.pdd_k is not None and (isinstance(self.pdd_k, bool) or not isinstance(self.pdd_k, int) or self.pdd_k < 1):
+            raise ConfigError(f"pdd_k must be a positive integer (PDDFormer: 92) or null, got {self.pdd_k!r}")
         if self.num_workers is not None and self.num_workers < 1:
             raise ConfigError(f"num_workers must be positive, got {self.num_workers}")
         names = [s.name for s in self.sources + self.exclude]
@@ -187,6 +194,8 @@ class BuildConfig:
         out = dataclasses.asdict(self)
         out["sources"] = [dataclasses.asdict(s) for s in self.sources]
         out["exclude"] = [dataclasses.asdict(s) for s in self.exclude]
+        if out["pdd_k"] is None:
+            del out["pdd_k"]  # off: the record of the config is the one from before the option
         return out
 
     def data_dict(self) -> dict:

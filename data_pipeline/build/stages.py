@@ -371,7 +371,7 @@ def parse_stage(state: BuildState, progress: bool, log) -> None:
             path = state.work / "chunks" / f"{src:03d}-{number:07d}"
             digest = _entries_digest(items)
             source = {"kind": spec.kind, "path": spec.path, "options": spec.options, "name": spec.name}
-            yield (src, str(path)), _load_chunk_index(path, digest), parse_chunk, (source, items, str(path), digest)
+            yield (src, str(path)), _load_chunk_index(path, digest), parse_chunk, (source, items, str(path), digest, state.config.pdd_k)
 
     reused = run_resumable(state.executor, jobs(), lambda tag, index: _absorb_chunk(state, *tag, index),
                            desc="parse (chunks)", unit="chunk", progress=progress, window=2 * state.executor.parallelism + 1)
@@ -434,7 +434,7 @@ def _worker_reader(source: dict):
     return _READERS[cache_key]
 
 
-def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
+def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | None = None) -> dict:
     """Ray task: parse + validate + encode one chunk; writes `<path>.bin` then `<path>.json`."""
     from data_pipeline.build.readers import Reject
 
@@ -445,7 +445,7 @@ def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
             if isinstance(item, Reject):
                 out_items.append(["reject", item.key, item.source, item.location, item.reason])
                 continue
-            result = process_entry(reader, item)
+            result = process_entry(reader, item, pdd_k)
             if isinstance(result, str):
                 out_items.append(["reject", item.key, item.source, item.location, result])
                 continue
@@ -458,8 +458,9 @@ def parse_chunk(source: dict, items: list, path: str, digest: str) -> dict:
     return index
 
 
-def process_entry(reader, entry) -> tuple[dict, list] | str:
-    """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms]) or a reason."""
+def process_entry(reader, entry, pdd_k: int | None = None) -> tuple[dict, list] | str:
+    """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms]) or a reason.
+    With `pdd_k` the sample also stores the crystal's PDD rows (`record.pdd_features`)."""
     from data_pipeline.build.dedup import exact_fingerprint
     from data_pipeline.record import reduced_formula
     from data_pipeline.build.readers import RecordError
@@ -471,6 +472,10 @@ def process_entry(reader, entry) -> tuple[dict, list] | str:
         if entry.group and record.group == record.key:
             record.group = entry.group
         validate(record)
+        if pdd_k is not None:
+            from data_pipeline.record import with_pdd
+
+            record = with_pdd(record, pdd_k)
         sample = encode_record(record)
     except RecordError as exc:
         return str(exc)

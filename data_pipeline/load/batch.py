@@ -7,6 +7,8 @@ graph view (for periodic graph encoders)
     edge e of receiver i lies in [csr_offsets[i], csr_offsets[i+1]).
     The edge vector from receiver to sender is recomputed differentiably:
         r_e = pos[edge_src[e]] + edge_shift[e] @ lattice[crystal(e)] - pos[edge_dst[e]]
+    and, as constants of the loader, the table of distinct edge lengths (`edge_lengths`,
+    `edge_length_index`; see `pretrain.encoders.blocks.edge_lengths`).
 
 token view (for transformers: JEPA encoder, DiT)
     tokens[b, j] = [frac coords (3) ‖ one-hot(Z) (MAX_Z=100) ‖ lattice polar factor (6)] = 109-d,
@@ -36,6 +38,12 @@ class CrystalBatch:
     edge_dst: torch.Tensor | None = None  # [E] long, receiver i (sorted ascending)
     edge_shift: torch.Tensor | None = None  # [E, 3] integer image offsets, in lattice units (float dtype)
     csr_offsets: torch.Tensor | None = None  # [N + 1] long
+    # the batch's distinct edge lengths (Å, ascending; lengths within 1e-9 Å count as one) and the
+    # length of each edge: |r_e| = edge_lengths[edge_length_index[e]]. Symmetric crystals repeat a
+    # few lengths many times (MP-20, k=25: ~7 edges per distinct length), so an encoder whose edge
+    # features depend on the length alone computes them once per distinct length.
+    edge_lengths: torch.Tensor | None = None  # [U]
+    edge_length_index: torch.Tensor | None = None  # [E] long
     pdd: torch.Tensor | None = None  # [N, k + 1] pointwise distance distribution rows (optional)
     # token view (None when not requested)
     tokens: torch.Tensor | None = None  # [B, L, TOKEN_DIM]

@@ -11,7 +11,9 @@ from crystalfm_common.config import check_keys
 
 from data_pipeline.load.batch import TOKEN_DIM, CrystalBatch
 from data_pipeline.load.neighbors import NeighborRule, compute_neighbors
-from data_pipeline.record import MAX_Z, SCALAR_LABELS, CrystalRecord, lattice_polar6
+from data_pipeline.record import MAX_Z, SCALAR_LABELS, CrystalRecord, lattice_polar6, pdd_features, record_pdd, with_pdd
+
+__all__ = ["BatchViews", "NeighborCache", "collate", "distinct_lengths", "pdd_features", "record_pdd", "with_pdd"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class BatchViews:
     graph: NeighborRule | None = None
     tokens: bool = False
     pdd_k: int | None = None  # PDD with k neighbours → k + 1 columns per atom
+    distinct_lengths: bool = True  # graph view: also the table of distinct edge lengths
 
     @classmethod
     def from_dict(cls, config: dict | None) -> "BatchViews":
@@ -32,26 +35,33 @@ class BatchViews:
         return cls(graph=graph, **config)
 
 
-def pdd_features(record: CrystalRecord, k: int) -> np.ndarray:
-    """[N, k+1] per-atom pointwise distance distribution rows (average-minimum-distance).
+class NeighborCache:
+    """Neighbour lists computed once per crystal for one rule and reused by every later batch
+    (a fine-tune trains many epochs over the same records). Keyed by record key; an entry is used
+    only while the record's lattice and coordinates are the ones it was computed from."""
 
-    Column 0 (amd's weight column, 1/N for an uncollapsed PDD) is replaced by Z_i / ΣZ so the
-    row also says which element sits there (the PDDFormer input); columns 1..k are the atom's
-    sorted distances to its k nearest periodic neighbours (Å). `lexsort=False` keeps row i on atom i
-    (amd sorts rows lexicographically by default, which would hand atoms other atoms' rows).
-    Distances include the atom's own periodic images and exclude itself. amd JIT-compiles on its
-    first call in a process (seconds): the loader warms it once per worker (`loader.warm_pdd`).
-    """
-    import amd
+    def __init__(self, rule: NeighborRule, records: Sequence[CrystalRecord] = ()):
+        self.rule = rule
+        self._lists: dict[str, tuple[np.ndarray, np.ndarray, NeighborList]] = {}
+        for record in records:
+            self.get(record)
 
-    periodic_set = amd.PeriodicSet(record.cart_coords, record.lattice, types=record.atomic_numbers)
-    pdd = np.asarray(amd.PDD(periodic_set, k, lexsort=False, collapse=False), dtype=np.float64)
-    z = record.atomic_numbers.astype(np.float64)
-    pdd[:, 0] = z / z.sum()
-    return pdd
+    def __len__(self) -> int:
+        return len(self._lists)
+
+    def get(self, record: CrystalRecord) -> NeighborList:
+        entry = self._lists.get(record.key)
+        if entry is not None and np.array_equal(entry[0], record.lattice) and np.array_equal(entry[1], record.frac_coords):
+            return entry[2]
+        nl = compute_neighbors(record.frac_coords, record.lattice, self.rule)
+        self._lists[record.key] = (record.lattice, record.frac_coords, nl)
+        return nl
 
 
-def collate(records: Sequence[CrystalRecord], views: BatchViews = BatchViews(), dtype=torch.float32) -> CrystalBatch:
+def collate(records: Sequence[CrystalRecord], views: BatchViews = BatchViews(), dtype=torch.float32,
+            neighbors: NeighborCache | None = None) -> CrystalBatch:
+    """Records → batch with `views`. PDD rows the records carry are used (else computed);
+    `neighbors`, a cache for the same rule as `views.graph`, replaces the per-batch search."""
     num_atoms = np.array([r.num_atoms for r in records], dtype=np.int64)
     batch_index = np.repeat(np.arange(len(records)), num_atoms)
     out = CrystalBatch(
@@ -63,23 +73,28 @@ def collate(records: Sequence[CrystalRecord], views: BatchViews = BatchViews(), 
         batch_index=torch.from_numpy(batch_index),
     )
     if views.graph is not None:
-        _add_graph_view(out, records, num_atoms, views.graph, dtype)
+        if neighbors is not None and neighbors.rule != views.graph:
+            raise ValueError(f"neighbour cache built for {neighbors.rule}, but the batch view asks for {views.graph}")
+        search = neighbors.get if neighbors is not None else (
+            lambda r: compute_neighbors(r.frac_coords, r.lattice, views.graph))
+        _add_graph_view(out, records, num_atoms, search, dtype, views.distinct_lengths)
     if views.pdd_k is not None:
-        out.pdd = torch.from_numpy(np.concatenate([pdd_features(r, views.pdd_k) for r in records])).to(dtype)
+        out.pdd = torch.from_numpy(np.concatenate([record_pdd(r, views.pdd_k) for r in records])).to(dtype)
     if views.tokens:
         _add_token_view(out, records, num_atoms, dtype)
     out.labels = _labels(records, dtype)
     return out
 
 
-def _add_graph_view(out, records, num_atoms, rule, dtype):
+def _add_graph_view(out, records, num_atoms, search, dtype, distinct):
     starts = np.concatenate([[0], np.cumsum(num_atoms)[:-1]])
-    src, dst, shift = [], [], []
+    src, dst, shift, dist = [], [], [], []
     for record, start in zip(records, starts):
-        nl = compute_neighbors(record.frac_coords, record.lattice, rule)
+        nl = search(record)
         src.append(nl.src + start)
         dst.append(nl.dst + start)
         shift.append(nl.shift)
+        dist.append(nl.distance)
     dst_all = np.concatenate(dst) if dst else np.zeros(0, np.int64)
     counts = np.bincount(dst_all, minlength=int(num_atoms.sum()))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -88,6 +103,32 @@ def _add_graph_view(out, records, num_atoms, rule, dtype):
     out.edge_dst = torch.from_numpy(dst_all)
     out.edge_shift = torch.from_numpy(np.concatenate(shift) if shift else np.zeros((0, 3))).to(dtype)
     out.csr_offsets = torch.from_numpy(offsets)
+    if distinct:
+        lengths, index = distinct_lengths(np.concatenate(dist) if dist else np.zeros(0))
+        out.edge_lengths = torch.from_numpy(lengths).to(dtype)
+        out.edge_length_index = torch.from_numpy(index)
+
+
+# Edge lengths closer than this (Å) share one entry of the batch's length table: far below the
+# float32 resolution of a length (~1e-7 relative) and far above float64 noise between
+# symmetry-equivalent edges (~1e-14).
+LENGTH_TOLERANCE = 1e-9
+
+
+def distinct_lengths(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [U] ascending, index [E]) with distance[e] ≈ lengths[index[e]].
+
+    Sorted distances start a new entry where they step up by more than LENGTH_TOLERANCE (a run of
+    smaller steps stays one entry: on MP-20 runs span at most ~2e-9 Å); each entry
+    holds the smallest distance of its run, so the table depends on the set of distances only
+    (not on the order of atoms or edges)."""
+    order = np.argsort(distance, kind="stable")
+    ascending = distance[order]
+    starts = np.ones(len(distance), dtype=bool)
+    starts[1:] = np.diff(ascending) > LENGTH_TOLERANCE
+    index = np.empty(len(distance), dtype=np.int64)
+    index[order] = np.cumsum(starts) - 1
+    return ascending[starts], index
 
 
 def _add_token_view(out, records, num_atoms, dtype):

@@ -206,7 +206,7 @@ def warm_pdd(k: int) -> None:
     """Compile average-minimum-distance's numba code on a 1-atom cell (seconds, once per process)."""
     if k in _PDD_WARM:
         return
-    from data_pipeline.load.collate import pdd_features
+    from data_pipeline.record import pdd_features
     from data_pipeline.record import CrystalRecord
 
     pdd_features(CrystalRecord(key="warm", source="warm", atomic_numbers=[1], frac_coords=[[0, 0, 0]],

@@ -3,7 +3,8 @@
 Architecture (shapes: N atoms, E edges, H heads, d = width, each head d wide as in Matformer):
 
     Z                  → Embedding(Z)                                          h [N, d]
-    |r_ij|             → RBF(bins over [0, 8] Å) → Linear → Softplus → Linear  e [E, d]
+    |r_ij|             → RBF(bins over [0, 8] Å) → Linear → Softplus → Linear  e [U, d]
+                         (once per distinct length of the batch, gathered per edge; see blocks.edge_lengths)
     repeat num_layers times (MatformerLayer):
         q, k, v = Linear(h) → [N, H, d];   k_e, v_e = Linear(e) → [E, H, d]
         aggregation='gated'     m_i = Σ_j σ(q_i ⊙ (k_j + k_e)) ⊙ (v_j + v_e)   (per channel; Matformer's gate)
@@ -25,24 +26,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.encoders.base import Encoder, register_encoder
-from pretrain.encoders.blocks import GaussianRBF, make_norm, model_dtype
+from pretrain.encoders.blocks import GaussianRBF, edge_lengths, gather_edges, make_norm, model_dtype
 from pretrain.kernels import CSRGraph, gated_aggregate, neighbor_attention
 
 
 class DistanceEmbedding(nn.Module):
-    """Matformer's edge features: Gaussian RBF of the distance, Linear, Softplus, Linear.  r: [E, 3] → [E, d]"""
+    """Matformer's edge features: Gaussian RBF of the distance, Linear, Softplus, Linear.  length: [E] → [E, d]"""
 
     def __init__(self, width: int, bins: int = 128, cutoff: float = 8.0):
         super().__init__()
         self.rbf = GaussianRBF(0.0, cutoff, bins)
         self.mlp = nn.Sequential(nn.Linear(bins, width), nn.Softplus(), nn.Linear(width, width))
 
-    def forward(self, edge_vectors: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.rbf(edge_vectors.norm(dim=-1)))  # [E, d]
+    def forward(self, length: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.rbf(length))  # [E, d]
 
 
 class MatformerLayer(nn.Module):
-    """One Matformer node update. h: [N, d], e: [E, d] → [N, d]"""
+    """One Matformer node update. h: [N, d], e: [E, d] (or [U, d] with edge_index [E]) → [N, d]"""
 
     def __init__(self, width: int, heads: int = 4, aggregation: str = "gated", norm: str = "layer"):
         super().__init__()
@@ -61,10 +62,11 @@ class MatformerLayer(nn.Module):
         # (LayerNorm) instead, so undo the scaling to keep gates O(1) at initialisation.
         self.gate_scale = math.sqrt(inner)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph, edge_index: torch.Tensor | None = None):
         n, H, d = h.shape[0], self.heads, self.width
         q, k, v = self.query(h), self.key(h), self.value(h)  # [N, H·d]
-        k_e, v_e = self.key_edge(e), self.value_edge(e)  # [E, H·d]
+        k_e = gather_edges(self.key_edge(e), edge_index)  # [E, H·d]
+        v_e = gather_edges(self.value_edge(e), edge_index)  # [E, H·d]
         if self.aggregation == "gated":
             m = gated_aggregate(q * self.gate_scale, k, v, k_e, v_e, graph)  # [N, H·d]
         else:
@@ -117,8 +119,12 @@ class MatformerEncoder(Encoder):
         dtype = model_dtype(self)
         graph = CSRGraph.from_batch(batch)
         h = self.atom_embedding(batch.atomic_numbers)  # [N, d]
-        e = self.edge_embedding(batch.edge_vectors().to(dtype))  # [E, d]
+        lengths, edge_index = edge_lengths(batch, dtype)  # [U] distinct lengths + [E] map, or [E] and None
+        e = self.edge_embedding(lengths)  # [U, d]: the edge MLPs run once per distinct length
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            h = checkpoint(layer, h, e, graph, use_reentrant=False) if recompute else layer(h, e, graph)  # [N, d]
+            if recompute:
+                h = checkpoint(layer, h, e, graph, edge_index, use_reentrant=False)  # [N, d]
+            else:
+                h = layer(h, e, graph, edge_index)  # [N, d]
         return h

@@ -4,8 +4,9 @@ Architecture (shapes: N atoms, E edges, B crystals, d = width):
 
     Z                       → Embedding(Z)                                   h  [N, d]
     PDD rows (loader)       → Linear(k+1 → d)                                p  [N, d]
-    edge vectors r_ij       → RBF(−0.75/|r|; bins over [−4, 0]) → Linear → Softplus
-                                                                             e  [E, d]
+    edge lengths |r_ij|     → RBF(−0.75/|r|; bins over [−4, 0]) → Linear → Softplus
+                                                                             e  [U, d]
+                              (once per distinct length of the batch; gathered to edges [E, d])
     repeat num_layers times:
         NodeAttentionLayer  h ← SiLU(h + U·Norm(O·Σ_j σ(q_i ⊙ (k_j + K(e_ij))) ⊙ (v_j + V(e_ij))))
         PDDGateBlock        p ← p + h;  a, g = split(Linear_{d→2d}(Norm(p)));  h ← h + W(A a ⊙ GELU(g))
@@ -15,8 +16,11 @@ Architecture (shapes: N atoms, E edges, B crystals, d = width):
 The graph is the loader's periodic k-nearest-neighbour graph (k=25 searched within 4 Å, cutoff
 growing until every atom has k neighbours), receiver-sorted with CSR offsets; every neighbour sum
 goes through `pretrain.kernels.gated_aggregate`, so the fused kernels replace the native path.
-Edge vectors are recomputed from lattice and coordinates (`batch.edge_vectors()`), so gradients
-reach both. The PDD rows are constants of the loader (no gradient through them).
+Every edge feature is a function of the edge length alone, so it is computed once per distinct
+length of the batch (`blocks.edge_lengths`: the loader's length table; ~7× fewer rows than edges
+on MP-20) and gathered per edge. When a gradient is wanted through the geometry, lengths are
+recomputed per edge from lattice and coordinates (`batch.edge_vectors()`), so gradients reach
+both. The PDD rows are constants of the loader (no gradient through them).
 
 What follows the paper and what does not is written down in `pretrain/encoders/README.md`.
 """
@@ -30,14 +34,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.encoders.base import Encoder, register_encoder
-from pretrain.encoders.blocks import GaussianRBF, make_norm, model_dtype
+from pretrain.encoders.blocks import GaussianRBF, edge_lengths, gather_edges, make_norm, model_dtype
 from pretrain.kernels import CSRGraph, gated_aggregate
 
 
 class EdgeEmbedding(nn.Module):
     """ComFormer/PDDFormer edge features: RBF of −c/|r| (a bounded, short-range-sharp transform), Linear, Softplus.
 
-    r: [E, 3] → [E, d]
+    length: [E] (or [U] distinct lengths) → [E, d] ([U, d])
     """
 
     def __init__(self, width: int, bins: int = 256, vmin: float = -4.0, vmax: float = 0.0, scale: float = 0.75):
@@ -46,9 +50,8 @@ class EdgeEmbedding(nn.Module):
         self.rbf = GaussianRBF(vmin, vmax, bins)
         self.linear = nn.Linear(bins, width)
 
-    def forward(self, edge_vectors: torch.Tensor) -> torch.Tensor:
-        length = edge_vectors.norm(dim=-1).clamp(min=1e-6)  # [E]
-        return F.softplus(self.linear(self.rbf(-self.scale / length)))  # [E, d]
+    def forward(self, length: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.linear(self.rbf(-self.scale / length.clamp(min=1e-6))))  # [E, d]
 
 
 class NodeAttentionLayer(nn.Module):
@@ -57,7 +60,7 @@ class NodeAttentionLayer(nn.Module):
     Message j → i: σ(q_i ⊙ (k_j + K(e_ij))) ⊙ (v_j + V(e_ij)), summed over the receiver's edges
     (`gated_aggregate`); K and V are two-layer MLPs of the edge features (the papers' key/value
     update MLPs, restricted to the edge part so the sum stays one fused kernel).
-    h: [N, d], e: [E, d] → [N, d]
+    h: [N, d], e: [E, d] — or [U, d] per distinct length with edge_index [E] mapping edges to rows — → [N, d]
     """
 
     def __init__(self, width: int, norm: str = "layer"):
@@ -74,10 +77,11 @@ class NodeAttentionLayer(nn.Module):
         # normalise the logits instead, so undo it and keep the gates O(1) at initialisation.
         self.gate_scale = math.sqrt(width)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph, edge_index: torch.Tensor | None = None):
         q = self.query(h) * self.gate_scale  # [N, d]
         k, v = self.key(h), self.value(h)  # [N, d]
-        k_e, v_e = self.key_edge(e), self.value_edge(e)  # [E, d]
+        k_e = gather_edges(self.key_edge(e), edge_index)  # [E, d]
+        v_e = gather_edges(self.value_edge(e), edge_index)  # [E, d]
         m = gated_aggregate(q, k, v, k_e, v_e, graph)  # [N, d]
         return F.silu(h + self.update(self.norm(self.concat(m))))  # [N, d]
 
@@ -177,10 +181,14 @@ class PDDFormerEncoder(Encoder):
         graph = CSRGraph.from_batch(batch)
         h = self.atom_embedding(batch.atomic_numbers)  # [N, d]
         p = self.pdd_embedding(self.pdd_input(batch, dtype))  # [N, d]
-        e = self.edge_embedding(batch.edge_vectors().to(dtype))  # [E, d]
+        lengths, edge_index = edge_lengths(batch, dtype)  # [U] distinct lengths + [E] map, or [E] and None
+        e = self.edge_embedding(lengths)  # [U, d]: the edge MLPs run once per distinct length
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.attention):
-            h = checkpoint(layer, h, e, graph, use_reentrant=False) if recompute else layer(h, e, graph)  # [N, d]
+            if recompute:
+                h = checkpoint(layer, h, e, graph, edge_index, use_reentrant=False)  # [N, d]
+            else:
+                h = layer(h, e, graph, edge_index)  # [N, d]
             if i < len(self.pdd_blocks):
                 h, p = self.pdd_blocks[i](h, p)
         return h  # [N, d]

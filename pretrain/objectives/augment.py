@@ -8,7 +8,8 @@ checks it with pymatgen's StructureMatcher — and `params` [B, 6] = (t ‖ u) a
 predictor is conditioned on.
 
 Every view the batch carries is updated consistently: the graph view's image shifts absorb the
-wrap of each atom (s' = s + k_src − k_dst) and edges are re-sorted by receiver; PDD rows, forces
+wrap of each atom (s' = s + k_src − k_dst) and edges are re-sorted by receiver (the table of
+distinct edge lengths is unchanged, its per-edge index re-sorted with them); PDD rows, forces
 (rotated too) and stress (R S Rᵀ) follow their atoms; the token view is rebuilt.
 
 On the token view the rotation acts trivially: its lattice features are the rotation-invariant
@@ -100,6 +101,8 @@ def augment_batch(
         offsets = torch.zeros(n + 1, dtype=torch.long, device=dst.device)
         offsets[1:] = torch.cumsum(counts, 0)
         changes.update(edge_src=src[order], edge_dst=dst[order], edge_shift=shift[order], csr_offsets=offsets)
+        if batch.edge_length_index is not None:  # lengths do not move: the table stays, its index follows the edges
+            changes["edge_length_index"] = batch.edge_length_index[order]
 
     if batch.tokens is not None:
         if context_lattice == "rotated_triu" and rotation is not None:

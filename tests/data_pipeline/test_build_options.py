@@ -220,3 +220,49 @@ def test_crash_in_write_stage_resumes_without_redoing_work(tmp_path, monkeypatch
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == ref_files and len(ref_files) >= 2
     strip = lambda m: {k: v for k, v in m.items() if k != "code_version"}  # noqa: E731
     assert strip(resumed.manifest) == strip(reference.manifest)
+
+
+@pytest.mark.slow  # amd's first call JIT-compiles (seconds)
+def test_pdd_rows_are_stored_on_request_and_read_by_the_loader(tmp_path):
+    """`pdd_k` stores each sample's PDD rows (the numbers `pdd_features` gives); the loader's batches
+    are the per-batch ones, number for number. Without it the config record has no such key and
+    no sample an extra array (what a build wrote before the option existed)."""
+    import numpy as np
+    import torch
+
+    from data_pipeline.load.collate import BatchViews
+    from data_pipeline.load.loader import ShardLoader
+    from data_pipeline.load.shard_list import split_shards
+    from data_pipeline.load.shard_records import iter_records
+    from data_pipeline.record import pdd_features
+
+    path = write_jsonl(tmp_path / "c.jsonl", crafted_rows())
+    common = {"sources": [{"kind": KIND, "path": str(path), "name": "c", "dedup": "none"}],
+              "splits": {"train": 1.0}, "executor": "inline"}
+    plain = quiet(BuildConfig.from_dict({**common, "out": str(tmp_path / "plain")})).manifest
+    stored = quiet(BuildConfig.from_dict({**common, "out": str(tmp_path / "pdd"), "pdd_k": 12})).manifest
+    assert "pdd_k" not in plain["build_config"] and "pdd_k" not in BuildConfig.from_dict(common).to_dict()
+    assert stored["build_config"]["pdd_k"] == 12
+    assert plain["config_fingerprint"] != stored["config_fingerprint"]
+
+    plain_records = list(iter_records(tmp_path / "plain"))
+    stored_records = list(iter_records(tmp_path / "pdd"))
+    assert plain_records and all(r.pdd is None for r in plain_records)
+    assert [r.key for r in plain_records] == [r.key for r in stored_records]
+    for a, b in zip(plain_records, stored_records):
+        assert np.array_equal(a.frac_coords, b.frac_coords) and np.array_equal(a.lattice, b.lattice)
+        assert b.pdd.shape == (b.num_atoms, 13) and np.array_equal(b.pdd, pdd_features(a, 12)), b.key
+
+    for views in (BatchViews(pdd_k=12), BatchViews(pdd_k=5)):  # k=5: the stored rows do not fit, computed
+        batches = [list(ShardLoader(split_shards(tmp_path / name, "train"), views=views, atom_budget=64, seed=0))
+                   for name in ("plain", "pdd")]
+        assert len(batches[0]) == len(batches[1]) > 0
+        for a, b in zip(*batches):
+            assert a.keys == b.keys and torch.equal(a.pdd, b.pdd)
+
+
+def test_pdd_k_is_checked():
+    with pytest.raises(ConfigError, match="pdd_k must be a positive integer"):
+        BuildConfig.from_dict({"pdd_k": 0})
+    with pytest.raises(ConfigError, match="pdd_k must be a positive integer"):
+        BuildConfig.from_dict({"pdd_k": "92"})

@@ -96,3 +96,79 @@ def test_token_view_refuses_elements_beyond_the_one_hot():
                            lattice=np.eye(3) * 5)
     with pytest.raises(ValueError, match="t:heavy"):
         collate([record], BatchViews(tokens=True))
+
+
+def _assert_same_batch(a, b):
+    """Every tensor of two batches equal, bit for bit."""
+    from dataclasses import fields
+
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert y is not None and x.dtype == y.dtype and torch.equal(x, y), f.name
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), f.name
+            for k in x:
+                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True)
+        else:
+            assert x == y, f.name
+
+
+@pytest.mark.slow  # amd's first call JIT-compiles (seconds)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_pdd_rows_and_neighbour_lists_give_the_per_batch_numbers(mp20_records, dtype):
+    """The fine-tune cache (records carrying their PDD rows, a NeighborCache) builds exactly the batch
+    the per-batch path builds, for PDDFormer's and Matformer's views on 64 real MP-20 crystals."""
+    from data_pipeline.load.collate import NeighborCache, with_pdd
+
+    for views in (BatchViews(graph=NeighborRule(kind="knn", k=25, cutoff=4.0), pdd_k=92),
+                  BatchViews(graph=NeighborRule(kind="knn", k=12, cutoff=8.0))):
+        records = [with_pdd(r, 92) for r in mp20_records] if views.pdd_k else list(mp20_records)
+        if views.pdd_k:
+            assert all(r.pdd is not None and r.pdd.shape == (r.num_atoms, 93) for r in records)
+        cache = NeighborCache(views.graph, records)
+        assert len(cache) == len(records)
+        for start in range(0, len(records), 16):
+            per_batch = collate(mp20_records[start : start + 16], views, dtype=dtype)
+            cached = collate(records[start : start + 16], views, dtype=dtype, neighbors=cache)
+            _assert_same_batch(cached, per_batch)
+
+
+def test_neighbour_cache_recomputes_for_a_moved_crystal_and_refuses_another_rule(mp20_records):
+    from data_pipeline.load.collate import NeighborCache
+
+    rule = NeighborRule(kind="knn", k=12, cutoff=8.0)
+    record = mp20_records[0]
+    cache = NeighborCache(rule, [record])
+    moved = record.replace(lattice=record.lattice * 1.1)  # same key, another structure
+    got = cache.get(moved)
+    np.testing.assert_allclose(got.distance, compute_neighbors(moved.frac_coords, moved.lattice, rule).distance)
+    with pytest.raises(ValueError, match="neighbour cache built for"):
+        collate([record], BatchViews(graph=NeighborRule(kind="knn", k=25, cutoff=4.0)), neighbors=cache)
+
+
+def test_a_record_drops_its_pdd_rows_when_its_structure_changes(mp20_records):
+    record = mp20_records[1].replace(pdd=np.zeros((mp20_records[1].num_atoms, 93)))
+    assert record.replace(formation_energy_per_atom=0.0).pdd is not None  # a label: the rows still hold
+    assert record.replace(frac_coords=record.frac_coords + 0.1).pdd is None
+    with pytest.raises(ValueError, match="pdd must be"):
+        record.replace(pdd=np.zeros((record.num_atoms + 1, 93)))
+
+
+def test_distinct_length_table_maps_every_edge_and_ignores_atom_order(mp20_records):
+    """Each edge's length is its table entry (to 1e-8 Å); the table is the same for any atom order;
+    symmetric crystals repeat lengths (the table is several times shorter than the edge list)."""
+    views = BatchViews(graph=NeighborRule(kind="knn", k=25, cutoff=4.0))
+    batch = collate(mp20_records, views, dtype=torch.float64)
+    lengths = batch.edge_vectors().norm(dim=1)
+    assert torch.all(batch.edge_lengths[1:] > batch.edge_lengths[:-1])
+    torch.testing.assert_close(batch.edge_lengths[batch.edge_length_index], lengths, atol=1e-8, rtol=0)
+    assert batch.edge_lengths.numel() * 4 < batch.num_edges
+    rng = np.random.default_rng(0)
+    permuted = []
+    for r in mp20_records:
+        p = rng.permutation(r.num_atoms)
+        permuted.append(r.replace(atomic_numbers=r.atomic_numbers[p], frac_coords=r.frac_coords[p]))
+    other = collate(permuted, views, dtype=torch.float64)
+    torch.testing.assert_close(other.edge_lengths, batch.edge_lengths, atol=1e-12, rtol=0)
+    assert collate(mp20_records[:2], BatchViews(graph=views.graph, distinct_lengths=False)).edge_lengths is None

@@ -274,7 +274,8 @@ def test_fast_decode_equals_decode_sample(shard_set, tmp_path):
     _, _, records = shard_set
     extra = records[0].replace(key="syn:labelled", stress=np.arange(9.0).reshape(3, 3), magmoms=np.ones(records[0].num_atoms),
                                properties={"bulk_modulus": 101.5}, band_gap=0.0, group="")
-    for record in records + [extra]:
+    with_rows = records[2].replace(key="syn:pdd", pdd=np.random.default_rng(0).random((records[2].num_atoms, 5)))
+    for record in records + [extra, with_rows]:
         sample = encode_record(record)
         ref, fast = decode_sample(sample), decode_fast(sample["json"], sample["safetensors"])
         assert fast is not None
@@ -284,6 +285,7 @@ def test_fast_decode_equals_decode_sample(shard_set, tmp_path):
                 assert other.dtype == value.dtype and np.array_equal(other, value) and other.flags.writeable, name
             else:
                 assert other == value, name
+    assert np.array_equal(decode_sample(encode_record(with_rows)).pdd, with_rows.pdd)
     # anything unexpected goes to the reference decoder
     odd = encode_record(records[1])
     odd["json"] = odd["json"].replace(b'"source"', b'"new_field":1,"source"')

@@ -87,3 +87,19 @@ def test_config_rejects_unknown_keys_and_bad_values():
         FinetuneConfig.from_dict({"encoder": "x", "fraction": 0})
     with pytest.raises(ValueError, match="mode"):
         FinetuneConfig.from_dict({"encoder": "x", "mode": "lora"})
+
+
+@pytest.mark.slow  # amd's first call JIT-compiles (seconds)
+def test_view_cache_trains_exactly_like_per_batch_collation(mp20_task_data):
+    """cache_views (PDD rows and neighbour lists computed once per crystal) changes only when the
+    work is done: a PDDFormer trained two epochs with and without it has the same losses, validation
+    metrics and test predictions, bit for bit."""
+    encoder = {"name": "pddformer", "width": 16, "num_layers": 2, "rbf_bins": 16}
+    results = []
+    for cache in (True, False):
+        config = _config(encoder="scratch", encoder_config=encoder, cache_views=cache)
+        results.append(fit(config, mp20_task_data, load_backbone("scratch", "scratch", encoder_config=encoder), progress=False))
+    cached, per_batch = results
+    assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in per_batch.history]
+    assert [h["val_mae"] for h in cached.history] == [h["val_mae"] for h in per_batch.history]
+    assert (cached.test_predictions.y_pred == per_batch.test_predictions.y_pred).all()

@@ -246,3 +246,35 @@ def test_lattice_self_edges_option(records):
     torch.testing.assert_close(_encode(encoder, permuted)[1], y, atol=ATOL, rtol=0)
     y_super = _encode(encoder, [_supercell_2x1x1(r) for r in subset])[1]
     assert (y_super - y).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("key", ENCODERS)
+def test_edge_features_once_per_distinct_length_equal_the_per_edge_path(key, records):
+    """The loader's table of distinct lengths (edge MLPs run once per length, gathered per edge) gives
+    the per-edge path's latents and parameter gradients (float64); a table that no longer matches
+    the coordinates (atoms moved after collation) is ignored, not trusted."""
+    from dataclasses import replace
+
+    from pretrain.encoders.blocks import edge_lengths
+
+    encoder = _encoder(key).train()
+    views = _views(encoder)
+    table = collate(records, views, dtype=torch.float64)
+    per_edge = collate(records, BatchViews(graph=views.graph, pdd_k=views.pdd_k, distinct_lengths=False), dtype=torch.float64)
+    assert edge_lengths(table, torch.float64)[1] is not None and edge_lengths(per_edge, torch.float64)[1] is None
+    grads = []
+    for batch in (table, per_edge):
+        encoder.zero_grad()
+        h = encoder(batch)
+        encoder.readout(h, batch).square().sum().backward()
+        grads.append((h.detach(), [p.grad.clone() for p in encoder.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-9, rtol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-7)
+
+    noise = 1e-3 * torch.randn(table.frac_coords.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    moved = replace(table, frac_coords=table.frac_coords + noise)  # a translation would keep every length
+    assert edge_lengths(moved, torch.float64)[1] is None
+    fresh = replace(per_edge, frac_coords=per_edge.frac_coords + noise)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(moved), encoder(fresh), atol=0, rtol=0)

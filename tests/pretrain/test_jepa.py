@@ -66,6 +66,8 @@ def test_augmentation_keeps_every_view_consistent(mp20_records):
     assert bool((moved.edge_dst[1:] >= moved.edge_dst[:-1]).all())
     assert torch.equal(moved.csr_offsets[1:] - moved.csr_offsets[:-1], torch.bincount(moved.edge_dst, minlength=moved.num_nodes))
     assert torch.equal(moved.pdd, batch.pdd[perm])
+    # the table of distinct lengths still describes every (re-sorted) edge, so encoders keep using it
+    torch.testing.assert_close(moved.edge_lengths[moved.edge_length_index], moved.edge_vectors().norm(dim=-1), atol=1e-8, rtol=0)
     # token view: the rebuilt tokens equal the loader's tokens of the moved records
     expected = collate(_records_of(moved), BatchViews(tokens=True), dtype=torch.float64)
     torch.testing.assert_close(moved.tokens, expected.tokens)
