@@ -12,7 +12,7 @@ Architecture (shapes: N atoms, E edges, H heads, d = width, each head d wide as 
         h ← Softplus(h + Norm(Linear_{Hd→d}(m)))
     per-atom latents h [N, d];  `readout` mean-pools them per crystal [B, d]
 
-Graph: the loader's 12-nearest-neighbour periodic graph searched within 8 Å. Every neighbour sum goes
+Graph: the loader's 12-nearest-neighbour periodic graph searched within 8 Å (ties at the 12th kept). Every neighbour sum goes
 through `pretrain.kernels` (gated_aggregate / neighbor_attention). Differences from the paper are in
 `pretrain/encoders/README.md`.
 """

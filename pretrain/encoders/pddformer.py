@@ -14,7 +14,8 @@ Architecture (shapes: N atoms, E edges, B crystals, d = width):
     per-atom latents h [N, d];  `readout` mean-pools them per crystal [B, d]
 
 The graph is the loader's periodic k-nearest-neighbour graph (k=25 searched within 4 Å, cutoff
-growing until every atom has k neighbours), receiver-sorted with CSR offsets; every neighbour sum
+growing until every atom has k neighbours; candidates tied with the k-th are all kept), receiver-
+sorted with CSR offsets; every neighbour sum
 goes through `pretrain.kernels.gated_aggregate`, so the fused kernels replace the native path.
 Every edge feature is a function of the edge length alone, so it is computed once per distinct
 length of the batch (`blocks.edge_lengths`: the loader's length table; ~7× fewer rows than edges

@@ -9,7 +9,8 @@ cache; a custom autograd.Function saves only the inputs (plus a per-receiver log
 attention) and the backward recomputes the per-edge intermediates chunk by chunk. The only
 E×d tensors allocated are the gradients of the E×d inputs, which the caller asked for.
 
-Segment sums use a reshape-sum when every receiver has the same degree (kNN graphs), else
+Segment sums use a reshape-sum when every receiver has the same degree (kNN graphs without ties
+at the k-th distance), else
 `index_add_` on the chunk-local (sorted) receiver index. Sender-side gradients accumulate with
 `index_add_` in edge order, so results are deterministic.
 """
