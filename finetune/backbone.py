@@ -24,6 +24,9 @@ class Backbone:
     spec: dict  # how to rebuild the architecture (see module docstring)
     label: str  # release id, or "scratch"
     info: dict = field(default_factory=dict)  # release dir, pretraining MLflow run, objective, ...
+    # The pretraining objective's auxiliary property head (pretrain/objectives/property_head.py),
+    # when the release has one: what `head_init: property_head` starts the fine-tune head from.
+    property_head: torch.nn.Module | None = None
 
 
 def load_backbone(encoder: str, mode: str, *, encoder_config: dict | None = None, seed: int = 0) -> Backbone:
@@ -49,14 +52,16 @@ def load_backbone(encoder: str, mode: str, *, encoder_config: dict | None = None
         "pretrain_mlflow_run_id": config.get("mlflow_run_id"),
         "manifest_sha256": config.get("manifest_sha256"),
     }
+    property_head = None
     if mode == "scratch":
         module = rebuild_encoder(spec)  # same architecture, random initialisation
         label = "scratch"
     else:
-        module = load_pretrained(path).encoder
+        objective = load_pretrained(path)
+        module, property_head = objective.encoder, getattr(objective, "property_head", None)
         label = info["release_id"]
     info["encoder_name"] = _encoder_name(spec, module)
-    return Backbone(module.train(), spec, label, info)
+    return Backbone(module.train(), spec, label, info, property_head)
 
 
 def release_spec(release_config: dict) -> dict:

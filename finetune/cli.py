@@ -19,7 +19,7 @@ from pathlib import Path
 
 # CLI flag → FinetuneConfig field, for `train` (None: not given, the config/default stands).
 _TRAIN_FLAGS = (
-    "encoder", "mode", "probe", "readout", "fraction", "seed", "epochs", "batch_size", "lr", "encoder_lr",
+    "encoder", "mode", "probe", "readout", "head_init", "fraction", "seed", "epochs", "batch_size", "lr", "encoder_lr",
     "lr_grid", "lr_select", "lr_select_seed",
     "weight_decay", "patience", "max_train", "max_eval", "max_val", "num_workers", "device", "data_root", "out",
     "tracking_uri", "target_name", "unit", "dropout",
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", choices=["full", "frozen", "scratch", "baseline"])
     train.add_argument("--probe", choices=["mlp", "linear"], help="head of a frozen encoder")
     train.add_argument("--readout", choices=["mean", "sum", "attention"])
+    train.add_argument("--head-init", choices=["random", "property_head"],
+                       help="property_head: start from the release's pretraining property head (same target)")
     train.add_argument("--fraction", type=float, help="fraction of training labels (0, 1]")
     train.add_argument("--seed", type=int)
     train.add_argument("--epochs", type=int)

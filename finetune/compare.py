@@ -24,14 +24,15 @@ BASELINE_LABEL = "baseline:magpie-hgb"  # the reference of gain_vs_baseline_pct 
 _FIRST = {"baseline:train-mean": 0, BASELINE_LABEL: 1, "scratch": 2}
 
 
-def encoder_label(encoder: str, mode: str, probe: str | None = None) -> str:
+def encoder_label(encoder: str, mode: str, probe: str | None = None, head_init: str | None = None) -> str:
     if mode == "baseline":
         return encoder  # e.g. baseline:magpie-hgb
     if mode == "scratch" or encoder == "scratch":
         return "scratch"
+    head = ", head from pretraining" if head_init == "property_head" else ""
     if mode == "frozen":
-        return f"{encoder} (frozen-{probe or 'mlp'})"
-    return f"{encoder} ({mode})"
+        return f"{encoder} (frozen-{probe or 'mlp'}{head})"
+    return f"{encoder} ({mode}{head})"
 
 
 def collect_runs(tracker: Tracker, tasks: list[str] | None = None):
@@ -57,7 +58,7 @@ def collect_runs(tracker: Tracker, tasks: list[str] | None = None):
                     "run_id": run.info.run_id,
                     "task": tags["task"],
                     "unit": tags.get("unit", ""),
-                    "encoder": encoder_label(tags.get("encoder", "?"), tags.get("mode", "?"), tags.get("probe")),
+                    "encoder": encoder_label(tags.get("encoder", "?"), tags.get("mode", "?"), tags.get("probe"), tags.get("head_init")),
                     "encoder_name": tags.get("encoder_name", ""),
                     "mode": tags.get("mode", ""),
                     "fraction": float(tags.get("fraction", "nan")),

@@ -14,6 +14,7 @@ MODES = ("full", "frozen", "scratch", "baseline")
 LR_SELECT = ("first_seed", "per_run")
 BASELINE = "baseline"  # the composition baseline arm (finetune.baseline): no encoder at all
 PROBES = ("mlp", "linear")
+HEAD_INITS = ("random", "property_head")
 
 
 def _coerce(config, kind, names) -> None:
@@ -44,6 +45,9 @@ class FinetuneConfig:
     readout: str = "mean"  # mean | sum | attention
     head_hidden: list[int] = field(default_factory=lambda: [256, 256])
     dropout: float = 0.0
+    # random: a fresh head. property_head: start from the release's pretraining property head for
+    # the task's target (a correction MLP on top of it starts at zero: finetune/heads.py).
+    head_init: str = "random"
     fraction: float = 1.0  # fraction of the task's training labels used (nested across fractions)
     seed: int = 0
     # The maximum: early stopping on validation MAE (`patience`) ends a run once it has converged.
@@ -90,6 +94,8 @@ class FinetuneConfig:
             self.encoder, self.mode = BASELINE, BASELINE
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if self.probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}")
         if not 0.0 < float(self.fraction) <= 1.0:

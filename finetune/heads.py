@@ -8,6 +8,14 @@
 The target normaliser (mean/std of the training labels) is part of the head: it is saved with
 the head weights and applied inside `PropertyModel.predict`, so a saved model always answers
 in physical units.
+
+With a *prior* (`head_init: property_head`: the pretraining objective's own property head for the
+same label, see pretrain/objectives/property_head.py), the head predicts a correction to it:
+
+    y_norm = (prior(g) · scale − mean) / std + mlp(g)     mlp's last layer starts at zero
+
+so the first epoch starts from the pretrained head's zero-shot prediction instead of a random one,
+and both the prior and the correction are trained on the task's labels.
 """
 from __future__ import annotations
 
@@ -71,10 +79,17 @@ class AttentionReadout(nn.Module):
         return out.index_add(0, batch_index, w.unsqueeze(-1) * h)  # [B, d]
 
 
-class PropertyHead(nn.Module):
-    """Readout + MLP. `hidden=()` makes it a linear probe on the pooled latent."""
+def prior_mlp(in_dim: int, hidden: int) -> nn.Sequential:
+    """The architecture of a pretraining property head (pretrain/objectives/property_head.py)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
-    def __init__(self, in_dim: int, readout: str = "mean", hidden: tuple[int, ...] = (256, 256), dropout: float = 0.0):
+
+class PropertyHead(nn.Module):
+    """Readout + MLP. `hidden=()` makes it a linear probe on the pooled latent. `prior_hidden`:
+    the hidden width of a prior head (module docstring); its weights come from `set_prior`."""
+
+    def __init__(self, in_dim: int, readout: str = "mean", hidden: tuple[int, ...] = (256, 256), dropout: float = 0.0,
+                 prior_hidden: int | None = None):
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -89,6 +104,21 @@ class PropertyHead(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
+        self.prior = None
+        if prior_hidden is not None:
+            self.prior = prior_mlp(in_dim, int(prior_hidden))
+            # y_norm of the prior = prior(g) · slope + offset (set from the scale and normaliser).
+            self.register_buffer("prior_affine", torch.tensor([1.0, 0.0]))
+
+    def set_prior(self, prior: nn.Module, scale: float, normalizer: "TargetNormalizer") -> None:
+        """Copy a pretraining head's MLP in and start the correction at zero (module docstring)."""
+        if self.prior is None:
+            raise ValueError("this head was built without prior_hidden")
+        self.prior.load_state_dict(prior.state_dict(), strict=True)
+        self.prior_affine.copy_(torch.tensor([scale / normalizer.std, -normalizer.mean / normalizer.std]))
+        last = self.mlp[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def pool(self, h: torch.Tensor, batch_index: torch.Tensor, num_atoms: torch.Tensor) -> torch.Tensor:
         """[N, d] per-atom latents → [B, d] per-crystal vectors."""
@@ -101,7 +131,12 @@ class PropertyHead(nn.Module):
         return out
 
     def forward(self, h: torch.Tensor, batch_index: torch.Tensor, num_atoms: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(h, batch_index, num_atoms)).squeeze(-1)  # [B] normalised units
+        g = self.pool(h, batch_index, num_atoms)  # [B, d]
+        y = self.mlp(g).squeeze(-1)  # [B] normalised units
+        if self.prior is not None:
+            slope, offset = self.prior_affine.to(g.dtype)
+            y = y + self.prior(g).squeeze(-1) * slope + offset
+        return y
 
 
 class PropertyModel(nn.Module):

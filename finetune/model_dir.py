@@ -90,7 +90,8 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> LoadedMode
     encoder = rebuild_encoder(meta["encoder_spec"])
     encoder.load_state_dict(load_file(str(path / ENCODER_WEIGHTS), device=map_location), strict=True)
     head_cfg = meta["head"]
-    head = PropertyHead(encoder.out_dim, head_cfg["readout"], tuple(head_cfg["hidden"]), head_cfg.get("dropout", 0.0))
+    head = PropertyHead(encoder.out_dim, head_cfg["readout"], tuple(head_cfg["hidden"]), head_cfg.get("dropout", 0.0),
+                        prior_hidden=head_cfg.get("prior_hidden"))
     head.load_state_dict(load_file(str(path / HEAD_WEIGHTS), device=map_location), strict=True)
     model = PropertyModel(encoder, head, TargetNormalizer.from_dict(meta["normalizer"]), frozen=True).eval()
     return LoadedModel(model, meta, BatchViews.from_dict(meta["views"]))

@@ -93,9 +93,33 @@ class TargetCollate:
 
 
 # ---------------------------------------------------------------------------------------------- fit
-def build_model(config: FinetuneConfig, backbone: Backbone, normalizer: TargetNormalizer) -> PropertyModel:
-    head = PropertyHead(backbone.encoder.out_dim, config.readout, config.head_layers, config.dropout)
+def build_model(config: FinetuneConfig, backbone: Backbone, normalizer: TargetNormalizer, target: str | None = None) -> PropertyModel:
+    prior = _prior_head(config, backbone, target)
+    head = PropertyHead(backbone.encoder.out_dim, config.readout, config.head_layers, config.dropout,
+                        prior_hidden=None if prior is None else int(prior.mlp[0].out_features))
+    if prior is not None:
+        head.set_prior(prior.mlp, prior.config.scale, normalizer)
     return PropertyModel(backbone.encoder, head, normalizer, frozen=config.mode == "frozen")
+
+
+def _prior_head(config: FinetuneConfig, backbone: Backbone, target: str | None):
+    """The pretraining property head `head_init: property_head` starts from, checked against the task."""
+    if config.head_init != "property_head":
+        return None
+    prior = backbone.property_head
+    if prior is None:
+        raise ValueError(
+            f"head_init: property_head needs a release pretrained with a property head (objective.property_head); "
+            f"{backbone.info.get('release_dir', backbone.label)} has none — use head_init: random"
+        )
+    if target is not None and prior.config.label != target:
+        raise ValueError(
+            f"head_init: property_head: the release's pretraining head predicts '{prior.config.label}', "
+            f"the task's target is '{target}' — use head_init: random for this task"
+        )
+    if config.readout != "mean":
+        raise ValueError("head_init: property_head needs readout: mean (the pretraining head reads the mean embedding)")
+    return prior
 
 
 def fit(
@@ -111,7 +135,7 @@ def fit(
     views = views_for(backbone.encoder)
     target = data.task.target
     normalizer = TargetNormalizer.fit(torch.tensor(data.targets("train"), dtype=torch.float64), config.normalize)
-    model = build_model(config, backbone, normalizer).to(device)
+    model = build_model(config, backbone, normalizer, target).to(device)
     collate_fn = TargetCollate(views, target)
     train_records, train_collate = data.train, collate_fn
     if config.cache_views and config.mode != "frozen":  # frozen mode collates its batches once anyway

@@ -23,20 +23,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+INPUTS = ("masked", "clean")
+
+
 @dataclass(frozen=True)
 class PropertyHeadConfig:
     """label: the record label to predict (formation_energy_per_atom).  weight: its loss weight
     (0 → no head at all).  scale: the label is divided by this before the loss (1 eV/atom).
     hidden: width of the MLP's hidden layer (0 → the encoder width).  huber: δ of the Huber loss
-    in scaled units (robust to the few extreme labels of some sources)."""
+    in scaled units (robust to the few extreme labels of some sources).  input (VAE only): 'masked'
+    reads the masked pass's embedding (no extra cost; masking acts as augmentation); 'clean' runs
+    the encoder a second time on the unmasked crystal, so the head learns the mapping fine-tuning
+    and prediction use (every species visible) at ~1.6x the step cost."""
 
     label: str = "formation_energy_per_atom"
     weight: float = 0.0
     scale: float = 1.0
     hidden: int = 0
     huber: float = 1.0
+    input: str = "masked"
 
     def __post_init__(self):
+        if self.input not in INPUTS:
+            raise ValueError(f"property_head.input must be one of {INPUTS}, got {self.input!r}")
         if self.weight < 0:
             raise ValueError(f"property_head.weight must be >= 0, got {self.weight}")
         if self.scale <= 0:

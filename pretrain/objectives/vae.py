@@ -206,8 +206,10 @@ class VAEObjective(Objective):
         )
         property_metrics = {}
         if self.property_head is not None:
-            # On the masked pass's embedding: no second encoder pass, and the masking acts as augmentation.
-            property_loss, property_metrics = self.property_head.loss(self.encoder.readout(h, batch, "mean"), batch, norm.crystals)
+            # 'masked': the masked pass's embedding (no second pass; masking as augmentation).
+            # 'clean': a second pass with every species visible, as fine-tuning will see the crystal.
+            h_property = self.encoder(batch) if cfg.property_head.input == "clean" else h
+            property_loss, property_metrics = self.property_head.loss(self.encoder.readout(h_property, batch, "mean"), batch, norm.crystals)
             loss = loss + property_loss
         with torch.no_grad():
             correct = (out["type_logits"].argmax(-1) == target_type) & mask

@@ -1,6 +1,7 @@
 """The optional auxiliary property head of the VAE and JEPA objectives (pretrain/objectives/property_head.py)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -79,3 +80,23 @@ def test_missing_label_is_a_clear_error(mp20_records):
     batch.labels.pop("formation_energy_per_atom")
     with pytest.raises(ValueError, match="property_head"):
         objective.loss(batch)
+
+
+def test_vae_clean_input_reads_the_unmasked_crystal(mp20_records):
+    """input: clean → the head's loss is that of the unmasked embedding, whatever the mask drawn."""
+    torch.manual_seed(0)
+    head = {"label": "formation_energy_per_atom", "weight": 1.0, "input": "clean"}
+    objective = build_objective({"name": "vae", "encoder": MATFORMER, "latent_dim": 16, "property_head": head}).double()
+    objective.eval()  # eps = mean; draw_mask still masks
+    batch = _batch(objective, mp20_records[:6])
+    objective.draw_mask = lambda b: torch.ones(b.num_nodes, dtype=torch.bool)  # every species hidden
+    _, metrics = objective.loss(batch)
+    clean = objective.encoder.readout(objective.encoder(batch), batch, "mean")
+    _, expected = objective.property_head.loss(clean, batch, float(batch.num_crystals))
+    assert math.isclose(metrics["formation_energy_per_atom_loss"], expected["formation_energy_per_atom_loss"], rel_tol=1e-9)
+    objective.config = dataclasses.replace(objective.config, property_head=dataclasses.replace(
+        objective.config.property_head, input="masked"))
+    _, masked = objective.loss(batch)  # the default reads the masked pass: a different embedding
+    assert not math.isclose(masked["formation_energy_per_atom_loss"], expected["formation_energy_per_atom_loss"], rel_tol=1e-6)
+    with pytest.raises(ValueError, match="input"):
+        build_objective({"name": "vae", "encoder": MATFORMER, "property_head": {"weight": 1.0, "input": "noisy"}})
