@@ -60,6 +60,8 @@ def expand(sweep: SweepConfig, overrides: dict | None = None) -> list[FinetuneCo
                     for seed in sweep.seeds:
                         fields = {**train, "task": task, "encoder": source, "mode": mode, "fraction": fraction,
                                   "seed": seed, "register": False}
+                        if mode in ("scratch", BASELINE):
+                            fields["head_init"] = "random"  # nothing pretrained to start a head from
                         if train.get("lr_grid") and train.get("lr_select_seed") is None:
                             fields["lr_select_seed"] = sweep.seeds[0]  # first_seed: the sweep's first seed chooses
                         runs.append(FinetuneConfig.from_dict(fields))

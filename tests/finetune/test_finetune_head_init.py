@@ -87,3 +87,14 @@ def test_head_init_needs_a_release_with_a_head_for_the_same_target(energy_releas
         build_model(other.replace(readout="sum"), backbone, TargetNormalizer(), TARGET)
     with pytest.raises(ValueError, match="head_init"):
         FinetuneConfig.from_dict({"head_init": "pretrained"})
+
+
+def test_sweep_starts_heads_from_pretraining_only_where_there_is_a_release(energy_release):
+    from finetune.config import SweepConfig
+    from finetune.sweep import expand
+
+    sweep = SweepConfig.from_dict({"encoders": [str(energy_release), "scratch", "baseline"], "modes": ["full", "frozen"],
+                                   "seeds": [0], "train": {"head_init": "property_head"}})
+    inits = {(r.encoder if r.mode != "scratch" else "scratch", r.mode): r.head_init for r in expand(sweep)}
+    assert inits[(str(energy_release), "full")] == inits[(str(energy_release), "frozen")] == "property_head"
+    assert inits[("scratch", "scratch")] == inits[("baseline", "baseline")] == "random"
