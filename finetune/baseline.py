@@ -222,7 +222,7 @@ def _track(config: FinetuneConfig, task, data: TaskData, outcome: BaselineOutcom
     tags = {
         "task": task.name, "target": task.target, "unit": task.unit, "encoder": outcome.model,
         "encoder_name": outcome.model.split(":", 1)[1], "mode": BASELINE, "fraction": f"{config.fraction:g}",
-        "seed": config.seed, "crystalfm.kind": BASELINE,
+        "seed": config.seed, "crystalfm.kind": BASELINE, "crystalfm.config_sha": config.fingerprint(),
     }
     resolved = {**_relevant(config), "baseline": outcome.model, **params, "task_spec": task.to_dict(),
                 "git_commit": git_commit()}

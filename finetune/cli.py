@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", help="YAML with SweepConfig fields")
     sweep.add_argument("--backend", choices=["ray", "serial"])
     sweep.add_argument("--encoders", nargs="+", metavar="DIR|scratch|baseline", help="replace the config's encoder list")
+    sweep.add_argument("--rerun", action="store_true",
+                       help="also redo runs that already finished in the store (default: skip them, so a sweep resumes)")
     sweep.add_argument("--shard", help="i/n: run every n-th run starting at i (default: the SLURM array position)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a train field for every run (YAML value), e.g. --set epochs=5")
@@ -205,8 +207,9 @@ def cmd_sweep(args) -> int:
             print(f"{run.task}  {run.encoder}  {run.mode}  fraction={run.fraction:g}  seed={run.seed}{lr}")
         print(f"{len(runs)} runs")
         return 0
-    summaries = run_sweep(sweep, out=args.out, tracking_uri=args.tracking_uri, shard=shard, overrides=overrides)
-    return 0 if summaries and all(s.ok for s in summaries) else 1
+    summaries = run_sweep(sweep, out=args.out, tracking_uri=args.tracking_uri, shard=shard, overrides=overrides,
+                          rerun=args.rerun)
+    return 0 if all(s.ok for s in summaries) else 1
 
 
 def cmd_compare(args) -> int:

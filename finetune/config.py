@@ -29,6 +29,10 @@ def _coerce(config, kind, names) -> None:
             raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+# Fields that change where results go or how fast they come, not what is computed.
+_NOT_IN_FINGERPRINT = ("out", "tracking_uri", "register", "num_workers", "device", "data_root")
+
+
 @dataclass
 class FinetuneConfig:
     """One fine-tune run: one task, one encoder, one label fraction, one seed."""
@@ -134,6 +138,15 @@ class FinetuneConfig:
 
     def replace(self, **changes) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
+
+    def fingerprint(self) -> str:
+        """What the run computes, as a short hash: every field except where it is stored and how it
+        is executed. A sweep skips runs whose fingerprint already FINISHED in the store (resume)."""
+        import hashlib
+        import json
+
+        fields = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
     def selection_seed(self) -> int:

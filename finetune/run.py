@@ -156,6 +156,7 @@ def _tags(config: FinetuneConfig, task, backbone: Backbone) -> dict:
         "pretrain_objective": backbone.info.get("objective"),
         "pretrain_run_id": backbone.info.get("pretrain_mlflow_run_id"),
         "crystalfm.kind": "finetune",
+        "crystalfm.config_sha": config.fingerprint(),
     }
 
 

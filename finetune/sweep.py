@@ -115,8 +115,11 @@ def _run_one(config_dict: dict, threads: int) -> RunSummary:
 
 def run_sweep(
     sweep: SweepConfig, *, out: str | None = None, tracking_uri: str | None = None, shard: tuple[int, int] | None = None,
-    overrides: dict | None = None, progress: bool = True,
+    overrides: dict | None = None, progress: bool = True, rerun: bool = False,
 ) -> list[RunSummary]:
+    """Runs the sweep's runs (this shard's share). Runs that already FINISHED in the store with the
+    same configuration (FinetuneConfig.fingerprint) are skipped unless `rerun`: an interrupted
+    sweep, started again, continues where it stopped."""
     from finetune.tracking import Tracker
 
     overrides = dict(overrides or {})
@@ -134,6 +137,15 @@ def run_sweep(
     tracker = Tracker(first.out, first.tracking_uri)  # creates the SQLite schema once, here
     for task in sorted({r.task for r in runs}):
         tracker.experiment_id(task)
+    if not rerun:
+        finished = set().union(*(tracker.finished_fingerprints(t) for t in {r.task for r in runs}))
+        todo = [r for r in runs if r.fingerprint() not in finished]
+        if len(todo) < len(runs):
+            print(f"[sweep] {len(runs) - len(todo)} runs already finished in the store: skipped (--rerun to redo them)",
+                  flush=True)
+        runs = todo
+        if not runs:
+            print("[sweep] nothing left to run", flush=True)
     print(f"[sweep] {len(runs)} runs, backend {sweep.backend}, tracking {tracker.uri}", flush=True)
 
     configs = [r.to_dict() for r in runs]

@@ -61,6 +61,20 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
+    def finished_fingerprints(self, task: str) -> set[str]:
+        """`crystalfm.config_sha` of every FINISHED run of the task's experiment (FinetuneConfig.fingerprint)."""
+        experiment = self.client.get_experiment_by_name(experiment_name(task))
+        if experiment is None:
+            return set()
+        found, token = set(), None
+        while True:
+            page = self.client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                           max_results=1000, page_token=token)
+            found.update(r.data.tags["crystalfm.config_sha"] for r in page if "crystalfm.config_sha" in r.data.tags)
+            token = page.token
+            if not token:
+                return found
+
     def start(self, task: str, run_name: str, tags: dict, params: dict) -> str:
         run = self.client.create_run(
             self.experiment_id(task),

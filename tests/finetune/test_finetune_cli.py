@@ -85,3 +85,14 @@ def test_sweep_on_local_ray(release_dir, shared_data, tmp_path, capsys):
     best = tracker.client.get_model_version_by_alias(registered_model_name("perov5_heat_ref"), "best")
     assert best.run_id in {r.info.run_id for r in runs}
     assert (tmp_path / "runs" / "comparison" / "comparison.md").is_file()
+    # Started again, the sweep resumes: both runs are in the store, nothing is redone ...
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--backend", "serial"]) == 0
+    assert "2 runs already finished in the store: skipped" in capsys.readouterr().out
+    assert len(tracker.client.search_runs([tracker.experiment_id("perov5_heat_ref")])) == 2
+    # ... while a changed setting is a new run (and --rerun redoes finished ones).
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--backend", "serial",
+                 "--set", "batch_size=4"]) == 0
+    assert len(tracker.client.search_runs([tracker.experiment_id("perov5_heat_ref")])) == 4
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--backend", "serial", "--rerun"]) == 0
+    assert len(tracker.client.search_runs([tracker.experiment_id("perov5_heat_ref")])) == 6
