@@ -157,7 +157,7 @@ def test_prefilter_matches_neighbour_search_on_all_shared_records(shared_data):
     from data_pipeline.build.readers.base import Reject
 
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "data_shared_all.yaml").read_text())
-    records = cleared = rejected = 0
+    records = cleared = rejected = distance_checked = 0
     for source in config["sources"]:
         path = source["path"].replace("../shared/data", str(shared_data))
         options = {k: (v.replace("../shared/data", str(shared_data)) if isinstance(v, str) else v)
@@ -174,6 +174,8 @@ def test_prefilter_matches_neighbour_search_on_all_shared_records(shared_data):
             reference = verdict(record, False)
             assert verdict(record, True) == reference, record.key
             rejected += reference is not None
-            cleared += validate_module._clear_by_minimum_image(record)
+            if reference is None or reason_code(reference) == "atoms_too_close":  # reached the distance check
+                distance_checked += 1
+                cleared += validate_module._clear_by_minimum_image(record)
     assert records > 25_000 and rejected >= 1
-    assert cleared > 0.95 * records  # the cheap pass, not the search, decides almost every record
+    assert cleared > 0.95 * distance_checked  # the cheap pass, not the search, decides almost every record
