@@ -11,6 +11,14 @@
 sample name at the first dot): every character outside [A-Za-z0-9_:-] becomes '_'. The exact key
 lives in the JSON. Encoding is deterministic: the same record gives the same bytes.
 Reading a shard never executes code: JSON and safetensors are data-only formats.
+
+Beside each shard the build writes its index, `<shard>.idx.npy` (`index_path`): one row per
+sample, in shard order, of little-endian int64 `INDEX_COLUMNS` = (json offset, json size,
+safetensors offset, safetensors size, atom count), offsets being the byte positions of the member
+data in the tar. A plain .npy (no pickle) so a loader maps it with `np.load(mmap_mode="r")`
+instead of reading every tar header; it holds no names (a name is read from the tar only for an
+error message). The shards' bytes do not depend on it; shard sets built before it existed have
+none, and the loader then scans the headers.
 """
 from __future__ import annotations
 
@@ -29,6 +37,25 @@ JSON_EXT = "json"
 ARRAYS_EXT = "safetensors"
 PDD_ARRAY = "pdd"  # optional member of the arrays (schema 1 readers ignore unknown arrays)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_:\-]")
+INDEX_SUFFIX = ".idx.npy"
+INDEX_COLUMNS = ("json_offset", "json_size", "arrays_offset", "arrays_size", "num_atoms")
+INDEX_DTYPE = np.dtype("<i8")
+
+
+def index_path(shard_path: str) -> str:
+    """The index file of a shard: `<shard>.idx.npy` beside it."""
+    return f"{shard_path}{INDEX_SUFFIX}"
+
+
+def index_file_bytes(rows: list[list[int]]) -> bytes:
+    """The bytes of an index file for `rows` (one [json offset, json size, safetensors offset,
+    safetensors size, atoms] per sample); deterministic, as np.save writes no dates or paths."""
+    import io
+
+    table = np.asarray(rows, dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))  # [S, 5]
+    buffer = io.BytesIO()
+    np.save(buffer, table, allow_pickle=False)
+    return buffer.getvalue()
 
 
 class ShardFormatError(ValueError):

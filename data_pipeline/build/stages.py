@@ -226,7 +226,7 @@ def _remove_outputs(out: Path) -> None:
     for path in out.iterdir():
         if path.name == WORK_DIR:
             shutil.rmtree(path)
-        elif path.suffix in (".tar", ".json", ".jsonl") or ".tmp" in path.name:
+        elif path.suffix in (".tar", ".npy", ".json", ".jsonl") or ".tmp" in path.name:
             path.unlink()
 
 
@@ -653,6 +653,8 @@ def plan_shards(state: BuildState) -> list[tuple[str, str, list[RecordMeta]]]:
 
 
 def write_stage(state: BuildState, progress: bool, log) -> list[dict]:
+    from data_pipeline.shard_format import index_path
+
     jobs = []
     for split, file_name, metas in plan_shards(state):
         refs = [[state.chunk_paths[m.chunk], m.name, *m.json_ref, *m.arrays_ref] for m in metas]
@@ -660,9 +662,9 @@ def write_stage(state: BuildState, progress: bool, log) -> list[dict]:
         sidecar = state.work / "shards" / f"{file_name}.json"
         target = state.out / file_name
         done = None
-        if sidecar.exists() and target.exists():
+        if sidecar.exists() and target.exists() and Path(index_path(str(target))).exists():
             info = json.loads(sidecar.read_bytes())
-            if info.get("digest") == digest and info.get("bytes") == target.stat().st_size:
+            if info.get("digest") == digest and info.get("bytes") == target.stat().st_size and "index" in info:
                 done = info
         jobs.append((file_name, done, write_shard, (refs, str(target), str(sidecar), split, digest)))
     infos: list[dict] = []
@@ -673,7 +675,7 @@ def write_stage(state: BuildState, progress: bool, log) -> list[dict]:
 
 def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str) -> dict:
     """Ray task: copy encoded samples from chunk files into one deterministic shard tar."""
-    from data_pipeline.shard_format import decode_sample
+    from data_pipeline.shard_format import ARRAYS_EXT, JSON_EXT, decode_sample, index_file_bytes, index_path
 
     by_chunk: dict[str, list[int]] = {}
     for i, ref in enumerate(refs):
@@ -686,17 +688,24 @@ def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str) 
         for i in positions:
             samples[i] = {"__key__": refs[i][1], "json": next(data), "safetensors": next(data)}
     stats = ShardStats()
+    rows = []  # the shard's index (shard_format.INDEX_COLUMNS), so loaders need not scan the tar
     with DeterministicTarWriter(target) as writer:
         for sample in samples:
             writer.write(sample)
-            stats.add(decode_sample(sample))
+            record = decode_sample(sample)
+            stats.add(record)
+            name = sample["__key__"]
+            rows.append([*writer.offsets[f"{name}.{JSON_EXT}"], *writer.offsets[f"{name}.{ARRAYS_EXT}"], record.num_atoms])
         sha, size = writer.close()
+    index_bytes = index_file_bytes(rows)
+    write_bytes_atomic(index_path(target), index_bytes)  # after the tar, before the sidecar that marks it done
     info = {
         "file": Path(target).name,
         "split": split,
         "num_samples": len(samples),
         "bytes": size,
         "sha256": sha,
+        "index": {"file": Path(index_path(target)).name, "sha256": hashlib.sha256(index_bytes).hexdigest()},
         "digest": digest,
         "stats": stats.to_state(),
     }
@@ -729,8 +738,8 @@ def finish(state: BuildState, shard_infos: list[dict], log) -> dict:
 
 
 def _remove_stray_shards(out: Path, shard_infos: list[dict]) -> None:
-    planned = {info["file"] for info in shard_infos}
-    for stray in out.glob("*.tar"):  # shards of an earlier, different plan (a --force rebuild)
+    planned = {info["file"] for info in shard_infos} | {info["index"]["file"] for info in shard_infos}
+    for stray in [*out.glob("*.tar"), *out.glob("*.tar.idx.npy")]:  # of an earlier, different plan (--force)
         if stray.name not in planned:
             stray.unlink()
 
@@ -745,7 +754,8 @@ def _split_summary(config: BuildConfig, shard_infos: list[dict]) -> tuple[dict, 
         split_stats[info["split"]].merge(stats)
         total.merge(stats)
         splits[info["split"]]["shards"].append(
-            {"file": info["file"], "num_samples": info["num_samples"], "bytes": info["bytes"], "sha256": info["sha256"]}
+            {"file": info["file"], "num_samples": info["num_samples"], "bytes": info["bytes"], "sha256": info["sha256"],
+             "index": info["index"]}
         )
     for name, stats in split_stats.items():
         splits[name]["num_samples"] = stats.num_samples

@@ -2,9 +2,11 @@
 
 How it works (see LOADER.md for the reasoning and the trainer-facing rules):
 
-1. index    every shard's tar headers are scanned once (mmap, no data decoded): for each
-            sample the byte ranges of its `.json` and `.safetensors` members and its atom count
-            (read from the safetensors header). Broken tars are found here.
+1. index    for each sample the byte ranges of its `.json` and `.safetensors` members and its
+            atom count, read from the shard's index file (`<shard>.idx.npy`, mmapped) when the
+            build wrote one, else from a scan of the tar headers (mmap, no data decoded; atom
+            counts from the safetensors headers; broken tars are found here).
+            `index_files=False` always scans.
 2. plan     an epoch plan is computed from the index and (seed, epoch) alone, identically on
             every rank: shard order permuted, samples shuffled inside consecutive windows of
             `shuffle_buffer`, then packed greedily into batches under the atom budget. Global
@@ -228,7 +230,7 @@ class ShardLoader:
                  max_crystals: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  mode: str = "epoch", shuffle_buffer: int = 1000, seed: int = 0, skip_corrupt: bool = False,
                  dtype=torch.float32, remainder: str = "pad", prefetch_factor: int = 2,
-                 index_cache: str | None = None, fast_decode: bool = True):
+                 index_cache: str | None = None, fast_decode: bool = True, index_files: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if remainder not in REMAINDERS:
@@ -243,7 +245,7 @@ class ShardLoader:
         self.views, self.rank, self.world_size = views, rank, world_size
         self.num_workers, self.prefetch_factor, self.mode = num_workers, prefetch_factor, mode
         index_cache = index_cache or os.environ.get("CRYSTALFM_INDEX_CACHE") or None
-        self.index = _GlobalIndex.build(self.shards, skip_corrupt, index_cache)
+        self.index = _GlobalIndex.build(self.shards, skip_corrupt, index_cache, use_index_files=index_files)
         if len(self.index) == 0:
             raise ValueError(f"no readable samples in {len(self.shards)} shard(s) (first: {self.shards[0]})")
         cfg = _PlanConfig(atom_budget, max_crystals, shuffle_buffer, seed, mode)

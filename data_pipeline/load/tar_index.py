@@ -1,6 +1,12 @@
-"""The tar index: every shard's headers scanned once (mmap, no data decoded) into the byte ranges
-of each sample's `.json` and `.safetensors` members and its atom count; broken tars found here.
-Cached per shard (keyed by path, size and mtime) so a rerun does not scan again."""
+"""The tar index: for every shard the byte ranges of each sample's `.json` and `.safetensors`
+members and its atom count.
+
+Read from the shard's index file (`<shard>.idx.npy`, written by the build; `np.load(mmap_mode="r")`,
+so the ranks of a node share one copy in the page cache) when there is one that fits the shard
+(its size and first member header agree). Otherwise (shard sets built before index files, shards
+written by other tools) every header is scanned once (mmap, no data decoded), broken tars are
+found here, and the scan can be cached per shard (keyed by path, size and mtime). Sample names
+are not kept for indexed shards: one is read from the tar only for an error message."""
 from __future__ import annotations
 
 import io
@@ -8,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +23,14 @@ from typing import Iterator
 import numpy as np
 
 from crystalfm_common.atomic import write_bytes_atomic
-from data_pipeline.shard_format import ARRAYS_EXT, JSON_EXT, ShardFormatError
+from data_pipeline.shard_format import (
+    ARRAYS_EXT,
+    INDEX_COLUMNS,
+    INDEX_DTYPE,
+    JSON_EXT,
+    ShardFormatError,
+    index_path,
+)
 
 
 _BLOCK = 512
@@ -121,14 +135,70 @@ class ShardIndex:
     """Where each sample of one shard lives, and how many atoms it has."""
 
     path: str
-    names: list[str]  # sample names (webdataset keys), for error messages
+    names: list[str] | None  # sample names (webdataset keys), for error messages; None: read when needed
     json_span: np.ndarray  # [S, 2] int64 (offset, size)
     arrays_span: np.ndarray  # [S, 2] int64
     num_atoms: np.ndarray  # [S] int64
     corrupt: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, member, reason)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return int(self.num_atoms.shape[0])
+
+
+_RECORD = 10240  # tar files are padded to 20 blocks (tarfile.RECORDSIZE), as the build writes them
+
+
+def read_index_file(path: str) -> ShardIndex | str:
+    """The shard's index from `<shard>.idx.npy`, or why it cannot be used (no file, or it does not fit).
+
+    Fits means: an int64 [S, 5] table whose last member is followed by the tar's two zero end
+    blocks and padding to the file's size, and whose first member is the tar's first. Cheap (two
+    small reads); the manifest's sha256 of each index file is the full check."""
+    file = index_path(path)
+    try:
+        table = np.load(file, mmap_mode="r", allow_pickle=False)  # [S, 5]
+    except FileNotFoundError:
+        return "no index file"
+    except (OSError, ValueError) as exc:
+        return f"unreadable index file ({type(exc).__name__}: {exc})"
+    if table.dtype != INDEX_DTYPE or table.ndim != 2 or table.shape[1] != len(INDEX_COLUMNS) or not len(table):
+        return f"index file has dtype {table.dtype} and shape {table.shape}, expected int64 [S, {len(INDEX_COLUMNS)}]"
+    end = -(-int(table[-1, 2] + table[-1, 3]) // _BLOCK) * _BLOCK  # the last member's padded end
+    expected = -(-(end + 2 * _BLOCK) // _RECORD) * _RECORD
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != expected:
+                return f"index file describes a {expected}-byte tar, the shard has {size} bytes"
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                end_marker = buf[end : end + 2 * _BLOCK]
+                try:
+                    _, first_offset, first_size = next(iter_tar_members(buf, path))
+                except (StopIteration, ShardCorruptError):
+                    first_offset = first_size = -1
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot open shard {path}: {exc}") from exc
+    if end_marker != bytes(2 * _BLOCK):
+        return f"index file's last member is not the shard's last (no end-of-archive blocks at byte {end})"
+    if (first_offset, first_size) != (int(table[0, 0]), int(table[0, 1])):
+        return "index file's first member is not the shard's first"
+    return ShardIndex(path=path, names=None, json_span=table[:, 0:2], arrays_span=table[:, 2:4],
+                      num_atoms=table[:, 4])
+
+
+def sample_names(path: str) -> dict[int, str]:
+    """{data offset of a sample's `.json` member: sample name} from a scan of the shard's headers
+    (as far as they are readable): for error messages about shards read through an index file."""
+    names = {}
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            for member, offset, _ in iter_tar_members(buf, path):
+                match = _BASE_EXT.match(member)
+                if match is not None and match.group(2) == JSON_EXT:
+                    names[offset] = match.group(1)
+        except ShardCorruptError:
+            pass
+    return names
 
 
 def index_shard(path: str, skip_corrupt: bool = False) -> ShardIndex:
@@ -234,8 +304,20 @@ class _GlobalIndex:
     corrupt: list[tuple[str, str, str]]
 
     @classmethod
-    def build(cls, paths: list[str], skip_corrupt: bool, cache_dir: str | None = None) -> "_GlobalIndex":
-        shards = [cached_index_shard(p, skip_corrupt, cache_dir) for p in _progress(paths, "indexing shards")]
+    def build(cls, paths: list[str], skip_corrupt: bool, cache_dir: str | None = None,
+              use_index_files: bool = True) -> "_GlobalIndex":
+        """Index files where they fit, a header scan for the other shards (with a one-line notice)."""
+        shards, scanned = [], []
+        for path in _progress(paths, "indexing shards"):
+            index = read_index_file(path) if use_index_files else "index files not used"
+            if isinstance(index, str):
+                scanned.append((path, index))
+                index = cached_index_shard(path, skip_corrupt, cache_dir)
+            shards.append(index)
+        if scanned and use_index_files:
+            path, why = scanned[0]
+            print(f"notice: scanning the tar headers of {len(scanned)} of {len(paths)} shard(s) ({path}: {why}; "
+                  "shard sets built before index files have none: rebuild to start faster)", file=sys.stderr)
         counts = np.array([len(s) for s in shards], dtype=np.int64)
         return cls(
             paths=paths,
@@ -253,7 +335,11 @@ class _GlobalIndex:
 
     def name(self, sample: int) -> str:
         shard = int(self.shard_of[sample])
-        return self.names[shard][sample - int(self.shard_start[shard])]
+        names = self.names[shard]
+        if names is None:  # read through an index file: the name is in the tar header before the member
+            offset = int(self.json_span[sample, 0])
+            return sample_names(self.paths[shard]).get(offset, f"<sample at byte {offset}>")
+        return names[sample - int(self.shard_start[shard])]
 
 
 def _progress(items, desc):
