@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crystalfm discovery", description=__doc__)
@@ -20,14 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-atoms-from", default=None, help="shard set whose atom-count histogram the latent generator uses")
     gen.add_argument("--out", default="samples", help="writes <out>/cif/*.cif and <out>/samples.csv")
 
-    ev = sub.add_parser("evaluate", help="V.S.U.N. of one or more sample sets (each set is one sampling run)")
-    ev.add_argument("samples", nargs="+", help="sample directories (generate's --out) or folders of CIFs")
-    ev.add_argument("--reference", required=True, help="training shards (manifest.json) or a CSV of CIFs")
+    ev = sub.add_parser("evaluate", help="V.S.U.N. and CDVAE's generation metrics of one or more sample sets (each set is one sampling run)")
+    ev.add_argument("samples", nargs="+", help="sample directories (generate's --out), folders of CIFs, or CSVs of CIFs (PATH:val / PATH:test for a half of MP-20's validation file)")
+    ev.add_argument("--reference", default=None, help="training crystals for S, U, N: shards (manifest.json) or a CSV of CIFs")
     ev.add_argument("--reference-splits", default="train", help="comma-separated splits of a shard set")
+    ev.add_argument("--test-set", default=None, help="the distribution COV and the Wasserstein distances compare against (default: --reference)")
+    ev.add_argument("--dataset", default="mp20", choices=("mp20", "carbon", "perovskite"), help="which published COV cutoffs")
+    ev.add_argument("--no-vsun", action="store_true", help="only the generation metrics (no CHGNet relaxations)")
     ev.add_argument("--elemental-refs", default=None, help="MP elemental reference entries (.json.gz)")
     ev.add_argument("--fmax", type=float, default=0.1)
     ev.add_argument("--relax-steps", type=int, default=300)
     ev.add_argument("--num-workers", type=int, default=1, help="Ray workers for the CHGNet relaxations")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite in --out)")
     ev.add_argument("--out", default="vsun")
 
     sc = sub.add_parser("screen", help="rank candidates by Crys-JEPA D_C (or a baseline ranker)")
@@ -69,31 +75,67 @@ def _generate(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from discovery.generate import read_samples
+    from discovery.generation_metrics import fingerprints, generation_metrics, markdown_table, plot_distributions
+    from discovery.references import load_crystals
+    from discovery.tracking import log_evaluation
+    from discovery.vsun import markdown_summary
+
+    if args.reference is None and args.test_set is None:
+        raise ValueError("give --reference (training crystals) and/or --test-set (the distribution to compare with)")
+    if args.reference is None and not args.no_vsun:
+        raise ValueError("V.S.U.N. needs --reference (the training crystals); pass --no-vsun for the generation metrics only")
+    splits = tuple(args.reference_splits.split(","))
+    runs = [load_crystals(path) for path in args.samples]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, metrics, artifacts = [], {}, []
+    if not args.no_vsun:
+        summary = _vsun(args, runs, load_crystals(args.reference, splits), out)
+        lines.append(markdown_summary(summary))
+        metrics.update({m: s["mean"] for m, s in summary.items()})
+        artifacts += [out / "vsun_table.csv", out / "vsun_summary.json", out / "stability_vs_novelty.png"]
+
+    test_set = load_crystals(args.test_set or args.reference, splits)
+    test_fp = fingerprints(test_set)
+    reports = [generation_metrics(run, test_set, args.dataset, reference_fp=test_fp) for run in runs]
+    per_run = [r.metrics for r in reports]
+    (out / "generation_metrics.json").write_text(json.dumps({"test_set": str(args.test_set or args.reference), "runs": per_run}, indent=2))
+    plot_distributions(reports, out / "density_num_elements.png")
+    table = markdown_table(per_run)
+    lines.append(table.split("\n", 2)[2] if lines else table)  # one table: V.S.U.N. rows, then CDVAE's
+    metrics.update({m: float(np.mean([r[m] for r in per_run])) for m in per_run[0]})
+    artifacts += [out / "generation_metrics.json", out / "density_num_elements.png"]
+    text = "".join(lines)
+    (out / "evaluation.md").write_text(text)
+    print(text, end="")
+    uri, run_id = log_evaluation(out, "crystalfm-discovery-evaluate", "evaluate",
+                                 {"samples": " ".join(args.samples), "reference": args.reference, "test_set": args.test_set,
+                                  "dataset": args.dataset, "runs": len(runs), "vsun": not args.no_vsun},
+                                 metrics, artifacts + [out / "evaluation.md"], args.tracking_uri)
+    print(f"table: {out / 'evaluation.md'}; plot: {out / 'density_num_elements.png'}; MLflow run {run_id} in {uri}")
+    return 0
+
+
+def _vsun(args, runs, reference, out: Path) -> dict:
     from discovery.matching import NoveltyIndex
-    from discovery.references import load_elemental, load_reference_records
+    from discovery.references import load_elemental
     from discovery.relax import RelaxConfig
     from discovery.stability import HullReference
     from discovery.vsun import evaluate_run, markdown_summary, plot_stability_vs_novelty, summarize, write_table
 
-    reference = load_reference_records(args.reference, tuple(args.reference_splits.split(",")))
     hull = HullReference.from_records(reference)
     novelty = NoveltyIndex([r.to_structure() for r in reference])
     elemental = load_elemental(args.elemental_refs)
     relax = RelaxConfig(fmax=args.fmax, steps=args.relax_steps)
     verdicts = []
-    for run, path in enumerate(args.samples):
-        verdicts += evaluate_run(read_samples(path), hull, novelty, elemental, relax, args.num_workers, run=run)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for run, samples in enumerate(runs):
+        verdicts += evaluate_run(samples, hull, novelty, elemental, relax, args.num_workers, run=run)
     summary = summarize(verdicts)
     write_table([v.row() for v in verdicts], out / "vsun_table.csv")
     (out / "vsun_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "vsun.md").write_text(markdown_summary(summary))
     plot_stability_vs_novelty(verdicts, out / "stability_vs_novelty.png")
-    print(markdown_summary(summary))
-    print(f"per-crystal table: {out / 'vsun_table.csv'}; plot: {out / 'stability_vs_novelty.png'}")
-    return 0
+    return summary
 
 
 def _screen(args) -> int:
