@@ -112,6 +112,7 @@ def test_the_carved_halves_are_finetunes_val_test_split(shared_data):
     assert 0.45 < len(test) / 7344 < 0.55 and all(half_of(r.key.split(":", 1)[1]) == "test" for r in test)
 
 
+@pytest.mark.slow
 def test_real_crystals_against_real_crystals(small_mp20):
     test, other, test_fp, other_fp = small_mp20
     same = generation_metrics(test, test, sample_fp=test_fp, reference_fp=test_fp).metrics
@@ -138,3 +139,43 @@ def test_real_crystals_against_real_crystals(small_mp20):
 
 def test_cutoffs_are_cdvaes():
     assert COV_CUTOFFS["mp20"] == {"struct": 0.4, "comp": 10.0}
+
+
+def _write_rows(path, header, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.mark.slow
+def test_evaluate_command_prints_one_table_logs_to_mlflow_and_plots(shared_data, tmp_path, capsys):
+    """`discovery evaluate --no-vsun` on two small real CSVs (the smallest cells of the validation file)."""
+    import json
+
+    import mlflow
+
+    from discovery.cli import main
+
+    with gzip.open(shared_data / "mp_20" / "val.csv.gz", "rt") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        rows = [next(reader) for _ in range(300)]
+    rows.sort(key=lambda r: (len(r[header.index("cif")]), r[header.index("material_id")]))
+    _write_rows(tmp_path / "samples.csv", header, rows[:8])
+    _write_rows(tmp_path / "test.csv", header, rows[8:16])
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(tmp_path / "samples.csv"), str(tmp_path / "samples.csv"), "--test-set",
+                 str(tmp_path / "test.csv"), "--no-vsun", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for metric in ("struct_valid", "comp_valid", "cov_recall", "cov_precision", "wdist_density", "wdist_num_elems"):
+        assert f"| {metric} |" in printed
+    runs = json.loads((out / "generation_metrics.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[0] == runs[1]  # the same set twice: two identical sampling runs
+    assert (out / "density_num_elements.png").stat().st_size > 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("crystalfm-discovery-evaluate")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["cov_recall"] == pytest.approx(runs[0]["cov_recall"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"evaluation.md", "density_num_elements.png"}
