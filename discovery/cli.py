@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-set", default=None, help="the distribution COV and the Wasserstein distances compare against (default: --reference)")
     ev.add_argument("--dataset", default="mp20", choices=("mp20", "carbon", "perovskite"), help="which published COV cutoffs")
     ev.add_argument("--no-vsun", action="store_true", help="only the generation metrics (no CHGNet relaxations)")
+    ev.add_argument("--subsample", type=int, default=None, help="N crystals drawn at random (seeded) from each sample set and the test set")
+    ev.add_argument("--seed", type=int, default=0, help="seeds --subsample")
     ev.add_argument("--elemental-refs", default=None, help="MP elemental reference entries (.json.gz)")
     ev.add_argument("--fmax", type=float, default=0.1)
     ev.add_argument("--relax-steps", type=int, default=300)
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--rankers", default="jepa,fingerprint,chgnet,random", help="for --evaluate (jepa needs --jepa)")
     sc.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for --evaluate")
     sc.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the random ranker")
-    sc.add_argument("--limit", type=int, default=None, help="--evaluate on the first N labelled crystals only")
+    sc.add_argument("--subsample", type=int, default=None, help="--evaluate on N labelled crystals drawn at random (seeded)")
     sc.add_argument("--tracking-uri", default=None, help="MLflow store for --evaluate (default: sqlite in --out)")
     sc.add_argument("--out", default="screen")
 
@@ -92,7 +94,7 @@ def _evaluate(args) -> int:
     if args.reference is None and not args.no_vsun:
         raise ValueError("V.S.U.N. needs --reference (the training crystals); pass --no-vsun for the generation metrics only")
     splits = tuple(args.reference_splits.split(","))
-    runs = [load_crystals(path) for path in args.samples]
+    runs = [subsample(load_crystals(path), args.subsample, args.seed) for path in args.samples]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines, metrics, artifacts = [], {}, []
@@ -102,7 +104,7 @@ def _evaluate(args) -> int:
         metrics.update({m: s["mean"] for m, s in summary.items()})
         artifacts += [out / "vsun_table.csv", out / "vsun_summary.json", out / "stability_vs_novelty.png"]
 
-    test_set = load_crystals(args.test_set or args.reference, splits)
+    test_set = subsample(load_crystals(args.test_set or args.reference, splits), args.subsample, args.seed)
     test_fp = fingerprints(test_set)
     reports = [generation_metrics(run, test_set, args.dataset, reference_fp=test_fp) for run in runs]
     per_run = [r.metrics for r in reports]
@@ -117,10 +119,20 @@ def _evaluate(args) -> int:
     print(text, end="")
     uri, run_id = log_evaluation(out, "crystalfm-discovery-evaluate", "evaluate",
                                  {"samples": " ".join(args.samples), "reference": args.reference, "test_set": args.test_set,
-                                  "dataset": args.dataset, "runs": len(runs), "vsun": not args.no_vsun},
+                                  "dataset": args.dataset, "runs": len(runs), "vsun": not args.no_vsun,
+                                  "subsample": args.subsample, "seed": args.seed},
                                  metrics, artifacts + [out / "evaluation.md"], args.tracking_uri)
     print(f"table: {out / 'evaluation.md'}; plot: {out / 'density_num_elements.png'}; MLflow run {run_id} in {uri}")
     return 0
+
+
+def subsample(records: list, n: int | None, seed: int) -> list:
+    """n records drawn without replacement (file order kept), or all of them when n is None or larger.
+    Random rather than the first n: MP-20's files are ordered, their first rows all on the hull."""
+    if n is None or n >= len(records):
+        return records
+    chosen = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    return [records[i] for i in chosen]
 
 
 def _vsun(args, runs, reference, out: Path) -> dict:
@@ -206,7 +218,7 @@ def _screen_evaluate(args) -> int:
     if "jepa" in rankers and not args.jepa:
         raise ValueError("--rankers jepa needs --jepa DIR (a Crys-JEPA release); or leave jepa out of --rankers")
     crystals = [r for r in load_crystals(args.samples) if r.e_above_hull is not None and math.isfinite(r.e_above_hull)]
-    crystals = crystals[: args.limit] if args.limit else crystals
+    crystals = subsample(crystals, args.subsample, args.seed)
     if len(crystals) < 3:
         raise ValueError(f"{args.samples}: {len(crystals)} crystals with an e_above_hull label; --evaluate needs at least 3")
     keys = {r.key for r in crystals}
@@ -248,7 +260,7 @@ def _screen_evaluate(args) -> int:
     uri, run_id = log_evaluation(out, "crystalfm-discovery-ranker-eval", "screen-evaluate",
                                  {"samples": args.samples, "reference": " ".join(args.reference), "jepa": args.jepa,
                                   "rankers": ",".join(rankers), "bootstrap": args.bootstrap, "seed": args.seed,
-                                  "limit": args.limit, "n_labelled": len(crystals), "n_reference": len(reference)},
+                                  "subsample": args.subsample, "n_labelled": len(crystals), "n_reference": len(reference)},
                                  metrics, [out / "ranker_eval.md", out / "ranker_eval.csv", out / "ranker_scores.csv"],
                                  args.tracking_uri)
     print(f"tables: {out / 'ranker_eval.csv'}, {out / 'ranker_scores.csv'}; MLflow run {run_id} in {uri}")

@@ -108,3 +108,13 @@ def test_screen_evaluate_on_real_crystals(shared_data, tiny_jepa, tmp_path, caps
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("crystalfm-discovery-ranker-eval").experiment_id])
     assert run.data.metrics["jepa_spearman"] == pytest.approx(float(table["jepa"]["spearman"]))
+
+
+def test_subsample_is_seeded_keeps_file_order_and_skips_nothing_when_large():
+    from discovery.cli import subsample
+
+    items = list(range(100))
+    a, b = subsample(items, 10, seed=0), subsample(items, 10, seed=0)
+    assert a == b == sorted(a) and len(set(a)) == 10
+    assert subsample(items, 10, seed=1) != a
+    assert subsample(items, None, 0) == items and subsample(items, 500, 0) == items
