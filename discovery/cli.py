@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crystalfm discovery", description=__doc__)
@@ -20,25 +22,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-atoms-from", default=None, help="shard set whose atom-count histogram the latent generator uses")
     gen.add_argument("--out", default="samples", help="writes <out>/cif/*.cif and <out>/samples.csv")
 
-    ev = sub.add_parser("evaluate", help="V.S.U.N. of one or more sample sets (each set is one sampling run)")
-    ev.add_argument("samples", nargs="+", help="sample directories (generate's --out) or folders of CIFs")
-    ev.add_argument("--reference", required=True, help="training shards (manifest.json) or a CSV of CIFs")
+    ev = sub.add_parser("evaluate", help="V.S.U.N. and CDVAE's generation metrics of one or more sample sets (each set is one sampling run)")
+    ev.add_argument("samples", nargs="+", help="sample directories (generate's --out), folders of CIFs, or CSVs of CIFs (PATH:val / PATH:test for a half of MP-20's validation file)")
+    ev.add_argument("--reference", default=None, help="training crystals for S, U, N: shards (manifest.json) or a CSV of CIFs")
     ev.add_argument("--reference-splits", default="train", help="comma-separated splits of a shard set")
+    ev.add_argument("--test-set", default=None, help="the distribution COV and the Wasserstein distances compare against (default: --reference)")
+    ev.add_argument("--dataset", default="mp20", choices=("mp20", "carbon", "perovskite"), help="which published COV cutoffs")
+    ev.add_argument("--no-vsun", action="store_true", help="only the generation metrics (no CHGNet relaxations)")
+    ev.add_argument("--subsample", type=int, default=None, help="N crystals drawn at random (seeded) from each sample set and the test set")
+    ev.add_argument("--seed", type=int, default=0, help="seeds --subsample")
     ev.add_argument("--elemental-refs", default=None, help="MP elemental reference entries (.json.gz)")
     ev.add_argument("--fmax", type=float, default=0.1)
     ev.add_argument("--relax-steps", type=int, default=300)
     ev.add_argument("--num-workers", type=int, default=1, help="Ray workers for the CHGNet relaxations")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite in --out)")
     ev.add_argument("--out", default="vsun")
 
-    sc = sub.add_parser("screen", help="rank candidates by Crys-JEPA D_C (or a baseline ranker)")
-    sc.add_argument("samples", help="sample directory or folder of CIFs")
+    sc = sub.add_parser("screen", help="rank candidates by Crys-JEPA D_C (or a baseline ranker); --evaluate: judge the rankers on labelled crystals")
+    sc.add_argument("samples", help="sample directory, folder of CIFs, or CSV of CIFs (PATH:test for MP-20's test half)")
     sc.add_argument("--jepa", help="Crys-JEPA release directory (ranker jepa)")
-    sc.add_argument("--reference", required=True)
+    sc.add_argument("--reference", required=True, nargs="+", help="training crystals (shards or CSVs; several are joined)")
     sc.add_argument("--reference-splits", default="train")
     sc.add_argument("--ranker", choices=("jepa", "chgnet", "fingerprint"), default="jepa")
     sc.add_argument("--keep", type=float, default=0.1, help="fraction of scored candidates to keep")
     sc.add_argument("--elemental-refs", default=None, help="for --ranker chgnet")
     sc.add_argument("--evaluation", default=None, help="evaluate's vsun_table.csv: report the Spearman ρ of score vs E_hull")
+    sc.add_argument("--evaluate", action="store_true",
+                    help="the samples carry e_above_hull labels: Spearman ρ(score, E_hull) of every ranker with bootstrap CIs")
+    sc.add_argument("--rankers", default="jepa,fingerprint,chgnet,random", help="for --evaluate (jepa needs --jepa)")
+    sc.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for --evaluate")
+    sc.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the random ranker")
+    sc.add_argument("--subsample", type=int, default=None, help="--evaluate on N labelled crystals drawn at random (seeded)")
+    sc.add_argument("--tracking-uri", default=None, help="MLflow store for --evaluate (default: sqlite in --out)")
     sc.add_argument("--out", default="screen")
 
     rf = sub.add_parser("refine", help="generate → relax → keep V.U.N. → rank by D_C → fine-tune → generate")
@@ -69,42 +84,96 @@ def _generate(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from discovery.generate import read_samples
+    from discovery.generation_metrics import fingerprints, generation_metrics, markdown_table, plot_distributions
+    from discovery.references import load_crystals
+    from discovery.tracking import log_evaluation
+    from discovery.vsun import markdown_summary
+
+    if args.reference is None and args.test_set is None:
+        raise ValueError("give --reference (training crystals) and/or --test-set (the distribution to compare with)")
+    if args.reference is None and not args.no_vsun:
+        raise ValueError("V.S.U.N. needs --reference (the training crystals); pass --no-vsun for the generation metrics only")
+    splits = tuple(args.reference_splits.split(","))
+    runs = [subsample(load_crystals(path), args.subsample, args.seed) for path in args.samples]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, metrics, artifacts = [], {}, []
+    if not args.no_vsun:
+        summary = _vsun(args, runs, load_crystals(args.reference, splits), out)
+        lines.append(markdown_summary(summary))
+        metrics.update({m: s["mean"] for m, s in summary.items()})
+        artifacts += [out / "vsun_table.csv", out / "vsun_summary.json", out / "stability_vs_novelty.png"]
+
+    test_set = subsample(load_crystals(args.test_set or args.reference, splits), args.subsample, args.seed)
+    test_fp = fingerprints(test_set)
+    reports = [generation_metrics(run, test_set, args.dataset, reference_fp=test_fp) for run in runs]
+    per_run = [r.metrics for r in reports]
+    (out / "generation_metrics.json").write_text(json.dumps({"test_set": str(args.test_set or args.reference), "runs": per_run}, indent=2))
+    plot_distributions(reports, out / "density_num_elements.png")
+    table = markdown_table(per_run)
+    lines.append(table.split("\n", 2)[2] if lines else table)  # one table: V.S.U.N. rows, then CDVAE's
+    metrics.update({m: float(np.mean([r[m] for r in per_run])) for m in per_run[0]})
+    artifacts += [out / "generation_metrics.json", out / "density_num_elements.png"]
+    text = "".join(lines)
+    (out / "evaluation.md").write_text(text)
+    print(text, end="")
+    uri, run_id = log_evaluation(out, "crystalfm-discovery-evaluate", "evaluate",
+                                 {"samples": " ".join(args.samples), "reference": args.reference, "test_set": args.test_set,
+                                  "dataset": args.dataset, "runs": len(runs), "vsun": not args.no_vsun,
+                                  "subsample": args.subsample, "seed": args.seed},
+                                 metrics, artifacts + [out / "evaluation.md"], args.tracking_uri)
+    print(f"table: {out / 'evaluation.md'}; plot: {out / 'density_num_elements.png'}; MLflow run {run_id} in {uri}")
+    return 0
+
+
+def subsample(records: list, n: int | None, seed: int) -> list:
+    """n records drawn without replacement (file order kept), or all of them when n is None or larger.
+    Random rather than the first n: MP-20's files are ordered, their first rows all on the hull."""
+    if n is None or n >= len(records):
+        return records
+    chosen = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    return [records[i] for i in chosen]
+
+
+def _vsun(args, runs, reference, out: Path) -> dict:
     from discovery.matching import NoveltyIndex
-    from discovery.references import load_elemental, load_reference_records
+    from discovery.references import load_elemental
     from discovery.relax import RelaxConfig
     from discovery.stability import HullReference
     from discovery.vsun import evaluate_run, markdown_summary, plot_stability_vs_novelty, summarize, write_table
 
-    reference = load_reference_records(args.reference, tuple(args.reference_splits.split(",")))
     hull = HullReference.from_records(reference)
     novelty = NoveltyIndex([r.to_structure() for r in reference])
     elemental = load_elemental(args.elemental_refs)
     relax = RelaxConfig(fmax=args.fmax, steps=args.relax_steps)
     verdicts = []
-    for run, path in enumerate(args.samples):
-        verdicts += evaluate_run(read_samples(path), hull, novelty, elemental, relax, args.num_workers, run=run)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for run, samples in enumerate(runs):
+        verdicts += evaluate_run(samples, hull, novelty, elemental, relax, args.num_workers, run=run)
     summary = summarize(verdicts)
     write_table([v.row() for v in verdicts], out / "vsun_table.csv")
     (out / "vsun_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "vsun.md").write_text(markdown_summary(summary))
     plot_stability_vs_novelty(verdicts, out / "stability_vs_novelty.png")
-    print(markdown_summary(summary))
-    print(f"per-crystal table: {out / 'vsun_table.csv'}; plot: {out / 'stability_vs_novelty.png'}")
-    return 0
+    return summary
+
+
+def _load_reference(args) -> list:
+    from discovery.references import load_crystals
+
+    splits = tuple(args.reference_splits.split(","))
+    return [record for spec in args.reference for record in load_crystals(spec, splits)]
 
 
 def _screen(args) -> int:
-    from discovery.generate import read_samples
-    from discovery.references import load_elemental, load_reference_records
-    from discovery.screen import (ReferenceEmbeddings, embed_records, fingerprint_embeddings, jepa_scores,
-                                  rank_candidates)
+    from discovery.references import load_crystals, load_elemental
+    from discovery.screen import (ReferenceEmbeddings, chgnet_scores, embed_records, fingerprint_embeddings,
+                                  jepa_scores, rank_candidates)
     from discovery.vsun import write_table
 
-    candidates = read_samples(args.samples)
-    reference = load_reference_records(args.reference, tuple(args.reference_splits.split(",")))
+    if args.evaluate:
+        return _screen_evaluate(args)
+    candidates = load_crystals(args.samples)
+    reference = _load_reference(args)
     if args.ranker == "jepa":
         if not args.jepa:
             raise ValueError("--ranker jepa needs --jepa DIR (a Crys-JEPA release)")
@@ -117,20 +186,8 @@ def _screen(args) -> int:
         index = ReferenceEmbeddings(reference, fingerprint_embeddings(reference))
         scores, refs = jepa_scores(candidates, fingerprint_embeddings(candidates), index)
     else:  # CHGNet single-point energy above the training-set hull (no relaxation)
-        from discovery.relax import CHGNetRelaxer
-        from discovery.stability import HullReference, formation_energy_per_atom
-
-        hull, elemental, relaxer = HullReference.from_records(reference), load_elemental(args.elemental_refs), CHGNetRelaxer()
-        scores, refs = [], []
-        for record in candidates:
-            composition = record.to_structure().composition
-            try:
-                ef = formation_energy_per_atom(composition, relaxer.single_point(record), elemental)
-                scores.append(hull.e_above_hull(composition, ef))
-            except Exception as exc:  # noqa: BLE001 - an unscorable candidate is reported, not guessed
-                print(f"{record.key}: not scored ({exc})", file=sys.stderr)
-                scores.append(math.nan)
-            refs.append(len(reference))
+        scores = chgnet_scores(candidates, reference, load_elemental(args.elemental_refs))
+        refs = [len(reference)] * len(candidates)
     rows = rank_candidates([c.key for c in candidates], scores, refs, args.keep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +200,70 @@ def _screen(args) -> int:
         print(f"Spearman ρ(score, CHGNet E_hull) = {rho:.3f} over {n} crystals")
         (out / "spearman.json").write_text(json.dumps({"ranker": args.ranker, "spearman": rho, "n": n}))
     print(f"table: {out / 'screen.csv'}")
+    return 0
+
+
+def _screen_evaluate(args) -> int:
+    """Every ranker on the same labelled crystals: ρ(score, E_hull) with paired bootstrap CIs."""
+    from discovery.ranker_eval import evaluate_rankers, markdown_table, random_scores
+    from discovery.references import load_crystals, load_elemental
+    from discovery.screen import ReferenceEmbeddings, chgnet_scores, embed_records, fingerprint_embeddings, jepa_scores
+    from discovery.tracking import log_evaluation
+    from discovery.vsun import write_table
+
+    rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
+    unknown = set(rankers) - {"jepa", "fingerprint", "chgnet", "random"}
+    if unknown:
+        raise ValueError(f"--rankers: unknown {sorted(unknown)} (choose from jepa, fingerprint, chgnet, random)")
+    if "jepa" in rankers and not args.jepa:
+        raise ValueError("--rankers jepa needs --jepa DIR (a Crys-JEPA release); or leave jepa out of --rankers")
+    crystals = [r for r in load_crystals(args.samples) if r.e_above_hull is not None and math.isfinite(r.e_above_hull)]
+    crystals = subsample(crystals, args.subsample, args.seed)
+    if len(crystals) < 3:
+        raise ValueError(f"{args.samples}: {len(crystals)} crystals with an e_above_hull label; --evaluate needs at least 3")
+    keys = {r.key for r in crystals}
+    reference = [r for r in _load_reference(args) if r.key not in keys]  # never score a crystal against itself
+    labels = [r.e_above_hull for r in crystals]
+    scores, references = {}, None
+    for name in rankers:
+        if name in ("jepa", "fingerprint"):
+            if name == "jepa":
+                from pretrain.release import load_pretrained
+
+                jepa = load_pretrained(args.jepa)
+                embed = lambda records: embed_records(jepa, records)  # noqa: E731
+            else:
+                embed = fingerprint_embeddings
+            index = ReferenceEmbeddings(reference, embed(reference))
+            scores[name], references = jepa_scores(crystals, embed(crystals), index)
+        elif name == "chgnet":
+            scores[name] = chgnet_scores(crystals, reference, load_elemental(args.elemental_refs))
+        else:
+            scores[name] = random_scores(len(crystals), args.seed)
+    results = evaluate_rankers(labels, scores, args.bootstrap, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table([{"key": r.key, "e_above_hull": r.e_above_hull, **{n: scores[n][i] for n in scores},
+                  **({"references": references[i]} if references else {})} for i, r in enumerate(crystals)],
+                out / "ranker_scores.csv")
+    write_table([r.row() for r in results], out / "ranker_eval.csv")
+    table = markdown_table(results)
+    (out / "ranker_eval.md").write_text(table)
+    print(f"{len(crystals)} labelled crystals, {len(reference)} reference crystals; ρ on the {results[0].n} every ranker scored "
+          f"({args.bootstrap} paired bootstrap resamples, seed {args.seed}):")
+    print(table, end="")
+    metrics = {}
+    for r in results:
+        metrics.update({f"{r.ranker}_spearman": r.spearman, f"{r.ranker}_ci_low": r.ci_low, f"{r.ranker}_ci_high": r.ci_high,
+                        f"{r.ranker}_scored": r.scored})
+    metrics["n_common"] = results[0].n
+    uri, run_id = log_evaluation(out, "crystalfm-discovery-ranker-eval", "screen-evaluate",
+                                 {"samples": args.samples, "reference": " ".join(args.reference), "jepa": args.jepa,
+                                  "rankers": ",".join(rankers), "bootstrap": args.bootstrap, "seed": args.seed,
+                                  "subsample": args.subsample, "n_labelled": len(crystals), "n_reference": len(reference)},
+                                 metrics, [out / "ranker_eval.md", out / "ranker_eval.csv", out / "ranker_scores.csv"],
+                                 args.tracking_uri)
+    print(f"tables: {out / 'ranker_eval.csv'}, {out / 'ranker_scores.csv'}; MLflow run {run_id} in {uri}")
     return 0
 
 

@@ -59,6 +59,27 @@ class CHGNetRelaxer:
         prediction = self.model.predict_structure(record.to_structure(), task="e")
         return float(np.asarray(prediction["e"]).reshape(-1)[0])
 
+    def single_points(self, records: list[CrystalRecord], batch_size: int = 32) -> list[float]:
+        """CHGNet energies per atom in batches; NaN for a crystal CHGNet cannot take (Z > 94, or it
+        raises on its own after its batch did)."""
+        energies = [math.nan] * len(records)
+        usable = [i for i, r in enumerate(records) if int(r.atomic_numbers.max(initial=0)) <= CHGNET_MAX_Z]
+        for start in range(0, len(usable), batch_size):
+            chunk = usable[start : start + batch_size]
+            try:
+                out = self.model.predict_structure([records[i].to_structure() for i in chunk], task="e", batch_size=batch_size)
+                values = [float(np.asarray(p["e"]).reshape(-1)[0]) for p in out]
+            except Exception:  # noqa: BLE001 - one bad crystal must not lose its batch: retry one by one
+                values = []
+                for i in chunk:
+                    try:
+                        values.append(self.single_point(records[i]))
+                    except Exception:  # noqa: BLE001
+                        values.append(math.nan)
+            for i, value in zip(chunk, values):
+                energies[i] = value
+        return energies
+
     def relax(self, record: CrystalRecord) -> RelaxResult:
         cfg = self.config
         if int(record.atomic_numbers.max(initial=0)) > CHGNET_MAX_Z:

@@ -124,4 +124,27 @@ def fingerprint_embeddings(records: Sequence[CrystalRecord], k: int = 32) -> np.
     return np.stack(rows) if rows else np.zeros((0, k))
 
 
+def chgnet_scores(candidates: Sequence[CrystalRecord], reference: Sequence[CrystalRecord], elemental: dict[str, float],
+                  relaxer=None) -> list[float]:
+    """The force-field baseline: CHGNet single-point energy (no relaxation) as a formation energy,
+    above the hull of the reference crystals' formation energies (eV/atom); NaN when unscorable."""
+    import sys
+
+    from discovery.relax import CHGNetRelaxer
+    from discovery.stability import HullReference, formation_energy_per_atom
+
+    hull, relaxer = HullReference.from_records(reference), relaxer or CHGNetRelaxer()
+    scores = []
+    for record, energy in zip(candidates, relaxer.single_points(list(candidates))):
+        composition = record.to_structure().composition
+        try:
+            if not math.isfinite(energy):
+                raise ValueError("CHGNet gave no energy")
+            scores.append(hull.e_above_hull(composition, formation_energy_per_atom(composition, energy, elemental)))
+        except (KeyError, ValueError) as exc:  # an unscorable candidate is reported, not guessed
+            print(f"{record.key}: not scored ({exc})", file=sys.stderr)
+            scores.append(math.nan)
+    return scores
+
+
 ScoreFn = Callable[[Sequence[CrystalRecord]], np.ndarray]

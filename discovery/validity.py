@@ -6,6 +6,8 @@ A crystal is valid when all three hold:
   compositional  SMACT: some assignment of oxidation states is charge neutral and, with the Pauling
                test, anions are more electronegative than cations; all-metal compositions (alloys)
                count as valid, as in CDVAE's `smact_validity` (smact's `include_alloys=True`).
+               Oxidation states: SMACT's original list ("smact14"), the one `Element.oxidation_states`
+               held in the SMACT releases CDVAE ran with; SMACT >= 3 defaults to ICSD24 instead.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ MIN_DISTANCE = 0.5  # Å
 # trained generator can take minutes. Above this many combinations the composition is reported
 # not valid, with the reason, instead of searched (real crystals stay far below it).
 MAX_OXIDATION_COMBINATIONS = 200_000
+OXIDATION_STATES = "smact14"  # CDVAE's set (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ def _smact_valid(formula: str) -> bool:
     from pymatgen.core import Composition
     from smact.screening import smact_validity
 
-    return bool(smact_validity(Composition(formula), use_pauling_test=True, include_alloys=True))
+    return bool(smact_validity(Composition(formula), use_pauling_test=True, include_alloys=True,
+                               oxidation_states_set=OXIDATION_STATES))
 
 
 def oxidation_combinations(elements) -> int:
@@ -66,7 +70,7 @@ def oxidation_combinations(elements) -> int:
 
     total = 1
     for symbol in elements:
-        total *= max(1, len(smact.Element(str(symbol)).oxidation_states or ()))
+        total *= max(1, len(getattr(smact.Element(str(symbol)), f"oxidation_states_{OXIDATION_STATES}") or ()))
     return total
 
 
