@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pretrain.config import JobConfig
+from pretrain.precision import deepspeed_section
 
 
 def deepspeed_config(config: JobConfig) -> dict:
@@ -23,11 +24,7 @@ def deepspeed_config(config: JobConfig) -> dict:
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    if train.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif train.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
+    ds.update(deepspeed_section(train.precision))  # bf16: torch autocast, fp32 weights (pretrain/precision.py)
     return _deep_merge(ds, config.deepspeed)
 
 

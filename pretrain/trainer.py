@@ -43,7 +43,6 @@ from pretrain.objectives.base import LossNorm
 from pretrain.tracking import MlflowTracker, NullTracker, manifest_sha256
 
 FAULT_ENV = "CRYSTALFM_FAULT"  # "STEP:KILL" or "STEP:TERM": rank 0 sends itself that signal after STEP (tests)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -74,7 +73,6 @@ class Trainer:
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.rank == 0
         self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-        self.dtype = DTYPES[config.train.precision]
         self.run_dir = config.run_dir
         self._write_run_files()
 
@@ -208,7 +206,7 @@ class Trainer:
             weight = 0.0 if getattr(batch, "padding", False) else 1.0
             if batch.token_mask is not None and weight:
                 paddings.append(1.0 - float(batch.token_mask.float().mean()))
-            batch = batch.to(self.device, dtype=self.dtype)
+            batch = batch.to(self.device)  # stays fp32: autocast lowers only the network (pretrain/precision.py)
             loss, metrics = self.engine(batch, norm)
             loss = loss * weight
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -229,8 +227,9 @@ class Trainer:
         """The accumulation-boundary `engine.step()`, then the objective's after-step hook."""
         t0 = time.perf_counter()
         self._grad_norm = None
-        if self.config.train.zero_stage == 0 and self.dtype == torch.float32:
-            # DeepSpeed reports no norm for a plain fp32 optimiser; gradients are already all-reduced here.
+        if self.config.train.zero_stage == 0 and self.config.train.precision != "fp16":
+            # DeepSpeed reports no norm for a plain fp32 optimiser (bf16 autocast keeps fp32 weights and
+            # unscaled gradients); gradients are already all-reduced here.
             grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
             self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
                 if grads else None
@@ -309,7 +308,7 @@ class Trainer:
                     break
                 if getattr(batch, "padding", False):
                     continue
-                loss, _ = self.engine(batch.to(self.device, dtype=self.dtype), LossNorm.of(batch))
+                loss, _ = self.engine(batch.to(self.device), LossNorm.of(batch))
                 total += torch.tensor([float(loss), 1.0], dtype=torch.float64, device=self.device)
         self.engine.train()
         dist.all_reduce(total)

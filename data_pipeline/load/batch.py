@@ -72,16 +72,20 @@ class CrystalBatch:
         return 0 if self.edge_src is None else int(self.edge_src.shape[0])
 
     def cart_coords(self) -> torch.Tensor:
-        """[N, 3] Cartesian positions (Å)."""
-        return torch.einsum("ni,nij->nj", self.frac_coords, self.lattice[self.batch_index])
+        """[N, 3] Cartesian positions (Å), in the batch's dtype even under autocast (which would
+        lower this einsum to bf16 and round positions by ~0.02 Å in a 10 Å cell)."""
+        with torch.autocast(self.frac_coords.device.type, enabled=False):
+            return torch.einsum("ni,nij->nj", self.frac_coords, self.lattice[self.batch_index])
 
     def edge_vectors(self) -> torch.Tensor:
-        """[E, 3] receiver → sender vectors (Å), differentiable in coords and lattice."""
+        """[E, 3] receiver → sender vectors (Å), differentiable in coords and lattice; in the
+        batch's dtype even under autocast (see cart_coords)."""
         if self.edge_src is None:
             raise ValueError("this batch has no graph view: build it with a neighbour rule")
         pos = self.cart_coords()
         cell = self.lattice[self.batch_index[self.edge_dst]]
-        return pos[self.edge_src] + torch.einsum("ei,eij->ej", self.edge_shift, cell) - pos[self.edge_dst]
+        with torch.autocast(pos.device.type, enabled=False):
+            return pos[self.edge_src] + torch.einsum("ei,eij->ej", self.edge_shift, cell) - pos[self.edge_dst]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "CrystalBatch":
         """Move tensors to a device; floating tensors also to `dtype` when given."""

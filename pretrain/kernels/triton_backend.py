@@ -10,6 +10,7 @@ Import this module only when `available()` says triton is importable.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -95,6 +96,12 @@ def _kernel(name: str, device: torch.device):
     return _tuned[key]
 
 
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (`finetune` with device cuda:1 would
+    otherwise launch on cuda:0); nothing to select for CPU tensors under the interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _grid_cols(n: int, d: int, block_d: int):
     return (n, triton.cdiv(d, block_d))
 
@@ -115,15 +122,17 @@ def gmr(
     out = torch.empty(n, d, dtype=torch.result_type(x, w), device=x.device)  # [N, d]
     if n and d:
         block_d = _block_d(d)
-        _kernel("gmr_fwd_kernel", x.device)[_grid_cols(n, d, block_d)](
-            x, w, senders, offsets, out, d, MEAN=mean, ACC=_acc(out.dtype), BLOCK_D=block_d
-        )
+        with _on_device(x.device):
+            _kernel("gmr_fwd_kernel", x.device)[_grid_cols(n, d, block_d)](
+                x, w, senders, offsets, out, d, MEAN=mean, ACC=_acc(out.dtype), BLOCK_D=block_d
+            )
     return out
 
 
 @gmr.register_fake
 def _(x, w, senders, receivers, offsets, sender_perm, sender_offsets, mean):
-    return x.new_empty(offsets.shape[0] - 1, x.shape[-1])
+    # The op's dtype: result_type(x, w), as the real implementation allocates it.
+    return x.new_empty(offsets.shape[0] - 1, x.shape[-1], dtype=torch.result_type(x, w))
 
 
 @torch.library.custom_op("crystalfm::gmr_backward", mutates_args=())
@@ -139,10 +148,11 @@ def gmr_backward(
     n, d = x.shape
     if n and d:
         block_d = _block_d(d)
-        _kernel("gmr_bwd_src_kernel", x.device)[_grid_cols(n, d, block_d)](
-            grad, x, w, receivers, sender_perm, sender_offsets, gx, gw, d,
-            ACC=_acc(x.dtype), BLOCK_D=block_d,
-        )
+        with _on_device(x.device):
+            _kernel("gmr_bwd_src_kernel", x.device)[_grid_cols(n, d, block_d)](
+                grad, x, w, receivers, sender_perm, sender_offsets, gx, gw, d,
+                ACC=_acc(x.dtype), BLOCK_D=block_d,
+            )
     return gx, gw
 
 
@@ -184,10 +194,11 @@ def attention(
     out = torch.empty_like(q)
     lse = torch.empty(n, h, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if n and h and d:
-        _kernel("attn_fwd_kernel", q.device)[(n, h)](
-            q, k, v, k_edge, v_edge, senders, offsets, out, lse, h, d, 1.0 / math.sqrt(d),
-            ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d),
-        )
+        with _on_device(q.device):
+            _kernel("attn_fwd_kernel", q.device)[(n, h)](
+                q, k, v, k_edge, v_edge, senders, offsets, out, lse, h, d, 1.0 / math.sqrt(d),
+                ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d),
+            )
     return out, lse
 
 
@@ -212,13 +223,15 @@ def attention_backward(
     dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, H, D]
     if n and h and d:
         scale, meta = 1.0 / math.sqrt(d), dict(ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d))
-        _kernel("attn_bwd_dst_kernel", q.device)[(n, h)](
-            q, k, v, k_edge, v_edge, grad, lse, delta, senders, offsets, dq, h, d, scale, **meta
-        )
-        _kernel("attn_bwd_src_kernel", q.device)[(n, h)](
-            q, k, v, k_edge, v_edge, grad, lse, delta, receivers, sender_perm, sender_offsets,
-            dk, dv, dke, dve, h, d, scale, **meta,
-        )
+        with _on_device(q.device):
+            _kernel("attn_bwd_dst_kernel", q.device)[(n, h)](
+                q, k, v, k_edge, v_edge, grad, lse, delta, senders, offsets, dq, h, d, scale, **meta
+            )
+        with _on_device(q.device):
+            _kernel("attn_bwd_src_kernel", q.device)[(n, h)](
+                q, k, v, k_edge, v_edge, grad, lse, delta, receivers, sender_perm, sender_offsets,
+                dk, dv, dke, dve, h, d, scale, **meta,
+            )
     return dq, dk, dv, dke, dve
 
 
@@ -257,10 +270,11 @@ def gated(
     out = torch.empty_like(q)
     if n and d:
         block_d = _block_d(d)
-        _kernel("gated_fwd_kernel", q.device)[_grid_cols(n, d, block_d)](
-            q, k, v, k_edge, v_edge, senders, offsets, out, d, 1.0 / math.sqrt(d),
-            ACC=_acc(q.dtype), BLOCK_D=block_d,
-        )
+        with _on_device(q.device):
+            _kernel("gated_fwd_kernel", q.device)[_grid_cols(n, d, block_d)](
+                q, k, v, k_edge, v_edge, senders, offsets, out, d, 1.0 / math.sqrt(d),
+                ACC=_acc(q.dtype), BLOCK_D=block_d,
+            )
     return out
 
 
@@ -284,10 +298,12 @@ def gated_backward(
         block_d, scale = _block_d(d), 1.0 / math.sqrt(d)
         meta = dict(ACC=_acc(q.dtype), BLOCK_D=block_d)
         grid = _grid_cols(n, d, block_d)
-        _kernel("gated_bwd_dst_kernel", q.device)[grid](q, k, v, k_edge, v_edge, grad, senders, offsets, dq, d, scale, **meta)
-        _kernel("gated_bwd_src_kernel", q.device)[grid](
-            q, k, v, k_edge, v_edge, grad, receivers, sender_perm, sender_offsets, dk, dv, dke, dve, d, scale, **meta
-        )
+        with _on_device(q.device):
+            _kernel("gated_bwd_dst_kernel", q.device)[grid](q, k, v, k_edge, v_edge, grad, senders, offsets, dq, d, scale, **meta)
+        with _on_device(q.device):
+            _kernel("gated_bwd_src_kernel", q.device)[grid](
+                q, k, v, k_edge, v_edge, grad, receivers, sender_perm, sender_offsets, dk, dv, dke, dve, d, scale, **meta
+            )
     return dq, dk, dv, dke, dve
 
 

@@ -41,6 +41,7 @@ from pretrain.objectives.collapse import collapse_metrics
 from pretrain.objectives.property_head import PropertyHeadConfig, build_property_head
 from pretrain.objectives.config import encoder_views, parse_config
 from pretrain.objectives.sigreg import SIGReg
+from pretrain.precision import at_least_fp32, fp32_region
 
 LOSSES = ("infonce", "sigreg")
 TARGETS = ("shared", "ema")
@@ -150,28 +151,32 @@ class JEPAObjective(Objective):
                 target = self.embed(batch, self.target)  # [B, d]
         else:
             target = self.embed(batch)  # [B, d]
-        view, params = self.draw_context(batch)
+        with fp32_region(batch.frac_coords.device):  # rotations are matmuls: keep the moved crystal fp32
+            view, params = self.draw_context(batch)
         context = self.embed(view)  # [B, d]
         pred = self.predictor(context + self.move_embedding(params.to(context.dtype)))  # [B, d]
 
-        if cfg.loss == "infonce":
-            energy = batch.labels.get(cfg.energy_label)
-            if energy is None:
-                raise ValueError(
-                    f"jepa: the batch has no '{cfg.energy_label}' label, which the energy-weighted InfoNCE needs "
-                    "(set jepa.energy_label, or use loss: sigreg, which needs no labels)"
-                )
-            per_crystal = weighted_infonce(pred, target, energy.to(pred.device), cfg.temperature)  # [B]
-            loss = per_crystal.sum() / norm.crystals
-            extra = {"infonce": float(loss.detach())}
-        else:
-            mse = (pred - target).pow(2).mean(-1).sum() / norm.crystals
-            embeddings = torch.cat([target, context], 0) if cfg.target_encoder == "shared" else context
-            reg = self.sigreg(embeddings) * (batch.num_crystals / norm.crystals)
-            loss = (1 - cfg.sigreg_weight) * mse + cfg.sigreg_weight * reg
-            extra = {"mse": float(mse.detach()), "sigreg": float(reg.detach())}
+        # Similarities, targets and reductions in fp32 whatever the autocast dtype (pretrain/precision.py).
+        with fp32_region(batch.frac_coords.device):
+            pred, target, context = at_least_fp32(pred, target, context)
+            if cfg.loss == "infonce":
+                energy = batch.labels.get(cfg.energy_label)
+                if energy is None:
+                    raise ValueError(
+                        f"jepa: the batch has no '{cfg.energy_label}' label, which the energy-weighted InfoNCE needs "
+                        "(set jepa.energy_label, or use loss: sigreg, which needs no labels)"
+                    )
+                per_crystal = weighted_infonce(pred, target, energy.to(pred.device), cfg.temperature)  # [B]
+                loss = per_crystal.sum() / norm.crystals
+                extra = {"infonce": float(loss.detach())}
+            else:
+                mse = (pred - target).pow(2).mean(-1).sum() / norm.crystals
+                embeddings = torch.cat([target, context], 0) if cfg.target_encoder == "shared" else context
+                reg = self.sigreg(embeddings) * (batch.num_crystals / norm.crystals)
+                loss = (1 - cfg.sigreg_weight) * mse + cfg.sigreg_weight * reg
+                extra = {"mse": float(mse.detach()), "sigreg": float(reg.detach())}
 
-        if self.property_head is not None:
+        if self.property_head is not None:  # reduces its loss in fp32 itself
             # On the target (unmoved) embedding: the one fine-tuning and screening read.
             source = target if cfg.target_encoder == "shared" else self.embed(batch)
             property_loss, property_metrics = self.property_head.loss(source, batch, norm.crystals)

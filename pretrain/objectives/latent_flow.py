@@ -39,6 +39,8 @@ from pretrain.objectives.collapse import collapse_metrics
 from pretrain.objectives.config import parse_config
 from pretrain.objectives.dit import DiT, DiTConfig, pad_atoms
 from pretrain.objectives.vae import VAEConfig, VAEObjective
+from pretrain.encoders.blocks import model_dtype
+from pretrain.precision import at_least_fp32, fp32_region
 
 GUARDS = ("vae", "stopgrad", "ema", "none")
 LATENTS = ("encoder", "posterior_mean")
@@ -154,14 +156,17 @@ class LatentFlowObjective(Objective):
         else:
             target = z1
 
+        # Time, path and loss in at least fp32 (autocast lowers only the DiT's layers; pretrain/precision.py).
+        z1, target = at_least_fp32(z1, target)
         t = self.draw_time(batch).to(z1.dtype)  # [B]
         t_atom = t[batch.batch_index].unsqueeze(-1)  # [N, 1]
         z0 = self.draw_prior(z1, batch)  # [N, d]
         zt = (1 - t_atom) * z0 + t_atom * z1  # [N, d]
         zt_pad, mask = pad_atoms(zt, batch.batch_index, batch.num_atoms)  # [B, L, d], [B, L]
-        pred = self.dit(zt_pad, t, mask)[mask]  # [N, d] in atom order
-        weight = 1.0 / (1.0 - torch.clamp(t_atom, max=cfg.t_clip)) ** 2  # [N, 1]
-        flow_loss = (weight * (pred - target) ** 2).mean(-1).sum() / norm.atoms
+        pred = at_least_fp32(self.dit(zt_pad.to(model_dtype(self.dit)), t, mask)[mask])  # [N, d] in atom order
+        with fp32_region(batch.frac_coords.device):
+            weight = 1.0 / (1.0 - torch.clamp(t_atom, max=cfg.t_clip)) ** 2  # [N, 1]
+            flow_loss = (weight * (pred - target) ** 2).mean(-1).sum() / norm.atoms
         loss = flow_loss
 
         metrics = {}

@@ -43,6 +43,7 @@ from data_pipeline.record import MAX_Z
 from pretrain.encoders.base import build_encoder
 from pretrain.objectives.base import LossNorm, Objective
 from pretrain.objectives.collapse import collapse_metrics
+from pretrain.precision import at_least_fp32, fp32_region
 from pretrain.objectives.property_head import PropertyHeadConfig, build_property_head
 from pretrain.objectives.config import encoder_views, parse_config
 from pretrain.objectives.geometry import aligned_frac_residual, min_image_distance, polar6
@@ -189,21 +190,25 @@ class VAEObjective(Objective):
         z = mean + torch.exp(0.5 * logvar) * self.draw_eps(mean) if self.training else mean  # [N, d_lat]
         out = self.decode(z, batch)
 
-        target_type = (batch.atomic_numbers - 1).clamp(min=0)  # [N]
-        ce = F.cross_entropy(out["type_logits"], target_type, reduction="none")  # [N]
-        type_loss = (ce * mask).sum() / (cfg.mask_ratio * norm.atoms)
-        coord_loss = self.coord_error(out["coords"], batch).sum() / norm.atoms
-        lattice_target = self.lattice_target(batch).to(out["lattice"].dtype)
-        lattice_loss = (out["lattice"] - lattice_target).abs().mean(-1).sum() / norm.crystals
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)  # [N]
-        kl_loss = kl.sum() / norm.atoms
+        # Targets, geometry and reductions in fp32 whatever the autocast dtype (pretrain/precision.py).
+        with fp32_region(batch.frac_coords.device):
+            out = {k: at_least_fp32(v) for k, v in out.items()}
+            mean, logvar = at_least_fp32(mean, logvar)
+            target_type = (batch.atomic_numbers - 1).clamp(min=0)  # [N]
+            ce = F.cross_entropy(out["type_logits"], target_type, reduction="none")  # [N]
+            type_loss = (ce * mask).sum() / (cfg.mask_ratio * norm.atoms)
+            coord_loss = self.coord_error(out["coords"], batch).sum() / norm.atoms
+            lattice_target = self.lattice_target(batch).to(out["lattice"].dtype)
+            lattice_loss = (out["lattice"] - lattice_target).abs().mean(-1).sum() / norm.crystals
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)  # [N]
+            kl_loss = kl.sum() / norm.atoms
 
-        loss = (
-            cfg.type_weight * type_loss
-            + cfg.coord_weight * coord_loss
-            + cfg.lattice_weight * lattice_loss
-            + cfg.kl_weight * kl_loss
-        )
+            loss = (
+                cfg.type_weight * type_loss
+                + cfg.coord_weight * coord_loss
+                + cfg.lattice_weight * lattice_loss
+                + cfg.kl_weight * kl_loss
+            )
         property_metrics = {}
         if self.property_head is not None:
             # 'masked': the masked pass's embedding (no second pass; masking as augmentation).

@@ -54,7 +54,7 @@ class LinearEnergy(Objective):
         from pretrain.objectives.base import LossNorm
 
         norm = norm or LossNorm.of(batch)
-        e = self.atom_energies(batch)  # [N]
+        e = self.atom_energies(batch).to(batch.frac_coords.dtype)  # [N]; losses reduced in the batch's fp32
         target = torch.nan_to_num(batch.labels["formation_energy_per_atom"])  # [B]
         per_atom = ((e - target[batch.batch_index]) ** 2).sum() / norm.atoms
         per_crystal_e = torch.zeros_like(target).index_add(0, batch.batch_index, e) / batch.num_atoms.to(e.dtype)

@@ -66,3 +66,14 @@ def test_compiled_layer_keeps_the_fused_op_and_matches_eager(graph):
     torch.testing.assert_close(compiled_loss, eager_loss)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_gmr_fake_has_the_ops_dtype(graph):
+    """The fake (meta) output dtype is result_type(x, w), like the real op (fp32 x, fp64 w → fp64)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w = torch.randn(4, 5, dtype=torch.float32), torch.randn(6, 5, dtype=torch.float64)
+    real = triton_backend.gmr(x, w, *_csr(graph), False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = triton_backend.gmr(x, w, *_csr(graph), False)
+    assert real.dtype == fake.dtype == torch.float64 and fake.shape == real.shape

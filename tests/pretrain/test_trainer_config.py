@@ -69,7 +69,8 @@ def test_deepspeed_config_follows_the_job():
                                 "deepspeed.zero_optimization.overlap_comm=true"])
     ds = deepspeed_config(config)
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
-    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    # bf16 is torch autocast over fp32 weights, not DeepSpeed's bf16 weights (pretrain/precision.py).
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds and "fp16" not in ds
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     fp16 = deepspeed_config(load_config(None, ["train.precision=fp16", "train.zero_stage=0"]))
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
