@@ -238,9 +238,11 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
               "A pretrained crystal encoder to fine-tune property heads on (`crystalfm finetune`) and, for "
               "generative objectives, to sample and screen candidate crystals (`crystalfm discovery`). Not a "
               "substitute for DFT validation of predicted properties or stability.", "",
-              "## Loading", "", "```python", "from pretrain.release import load_pretrained",
-              "model = load_pretrained('<this directory>')  # safetensors, no pickle", "encoder = model.encoder",
-              "```"]
+              "## Loading", "", "```python", "import crystalfm",
+              "model = crystalfm.load('<this directory>')  # safetensors, no pickle",
+              "vectors = model.embed([structure, atoms, 'crystal.cif'])  # pymatgen, ASE or CIF/POSCAR paths",
+              "```", "", "The bare objective: `pretrain.release.load_pretrained('<this directory>')` "
+              "(its `.encoder` is the shared encoder interface)."]
     if registry:
         lines += ["", f"MLflow model registry: `{registry}`."]
     return "\n".join(lines) + "\n"
