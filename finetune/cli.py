@@ -22,7 +22,7 @@ _TRAIN_FLAGS = (
     "encoder", "mode", "probe", "readout", "fraction", "seed", "epochs", "batch_size", "lr", "encoder_lr",
     "lr_grid", "lr_select", "lr_select_seed",
     "weight_decay", "patience", "max_train", "max_eval", "max_val", "num_workers", "device", "data_root", "out",
-    "tracking_uri", "target_name", "unit", "dropout",
+    "tracking_uri", "artifact_root", "target_name", "unit", "dropout",
 )
 
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(parser, data: bool = True):
     parser.add_argument("--out", help="root of the local MLflow store and outputs (default finetune_runs)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db)")
+    parser.add_argument("--artifact-root", help="where new experiments keep artifacts (default $CRYSTALFM_ARTIFACT_ROOT, "
+                        "or mlartifacts/ beside a SQLite store)")
     if data:
         parser.add_argument("--data-root", help="shared data root (default $CRYSTALFM_SHARED_DATA or ../shared/data)")
 
@@ -167,7 +169,7 @@ def cmd_baseline(args) -> int:
     from finetune.baseline import MAGPIE_HGB, MODELS, run_baseline_grid
 
     fields = {name: getattr(args, name) for name in ("max_train", "max_eval", "max_val", "target_name", "unit",
-                                                      "data_root", "out", "tracking_uri")
+                                                      "data_root", "out", "tracking_uri", "artifact_root")
               if getattr(args, name, None) is not None}
     models = (MAGPIE_HGB,) if args.no_mean else MODELS
     run_baseline_grid(args.task, fractions=args.fractions, seeds=args.seeds, models=models, **fields)

@@ -67,7 +67,7 @@ def run_finetune(
     backbone = load_backbone(config.encoder, config.mode, encoder_config=config.encoder_config, seed=config.seed)
     name = run_name(config, backbone.label)
 
-    tracker = Tracker(config.out, config.tracking_uri) if tracking else None
+    tracker = Tracker(config.out, config.tracking_uri, config.artifact_root) if tracking else None
     if tracker is not None:
         tracker.start(task.name, name, _tags(config, task, backbone), resolved)
     try:

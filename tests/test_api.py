@@ -117,3 +117,29 @@ def test_a_bad_input_is_named(release, inputs, tmp_path):
         model.embed([inputs["cif"], broken])
     with pytest.raises(FileNotFoundError, match="not a crystalfm model"):
         crystalfm.load(tmp_path)
+
+
+def test_store_moves_with_its_folder(release, inputs, tmp_path, monkeypatch):
+    """Every artifact lives under the store's folder: move the folder, `models:/...@best` still loads."""
+    import shutil
+
+    from finetune.cli import main
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # nothing may land in the working directory (MLflow's ./mlruns)
+    folder = tmp_path / "demo"
+    uri = f"sqlite:///{folder / 'runs' / 'mlflow.db'}"
+    assert main(["train", f"csv:{inputs['table']}", "--unit", "eV/atom", "--encoder", str(release), "--mode", "frozen",
+                 "--epochs", "1", "--batch-size", "8", "--out", str(folder / "finetune"), "--tracking-uri", uri]) == 0
+    assert list(elsewhere.iterdir()) == []
+    before = crystalfm.load("models:/crystalfm-csv_formation_energy_per_atom@best", tracking_uri=uri)
+    expected = before.predict(inputs["others"])
+
+    moved = tmp_path / "moved" / "demo"
+    moved.parent.mkdir()
+    shutil.move(folder, moved)
+    after = crystalfm.load("models:/crystalfm-csv_formation_energy_per_atom@best",
+                           tracking_uri=f"sqlite:///{moved / 'runs' / 'mlflow.db'}")
+    assert after.path.is_relative_to(moved / "runs" / "mlartifacts")
+    np.testing.assert_allclose(after.predict(inputs["others"]), expected, atol=1e-6)
