@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-name", help="csv tasks: name of the value column")
     train.add_argument("--unit", help="csv tasks: unit of the value column")
     train.add_argument("--save", help="also write the model directory here")
+    train.add_argument("--verbose", action="store_true", help="print the full resolved config (it is always saved "
+                       "with the run as config/config.yaml)")
     train.add_argument("--no-tracking", action="store_true", help="no MLflow; the model dir goes to OUT/models/...")
     _common(train)
 
@@ -161,7 +163,7 @@ def cmd_train(args) -> int:
 
         run_baseline(config, tracking=not args.no_tracking)
         return 0
-    run_finetune(config, tracking=not args.no_tracking, save_to=args.save)
+    run_finetune(config, tracking=not args.no_tracking, save_to=args.save, show_config=args.verbose)
     return 0
 
 
