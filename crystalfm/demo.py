@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="crystalfm-demo", help="working directory (default ./crystalfm-demo)")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per pretraining stage (default 20)")
-    parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs, early-stopped (default 30)")
+    parser.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs, early-stopped (default 15)")
     parser.add_argument("--verbose", action="store_true", help="show every stage's own output and configs")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

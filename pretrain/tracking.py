@@ -122,7 +122,8 @@ class MlflowTracker(NullTracker):
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if _is_number(v)}
+        # Names as in metrics.jsonl and the model card: MLflow's UI groups charts by the part before "/".
+        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         self._mlflow.log_metrics(clean, step=step)
 
     def log_artifact(self, path: str | os.PathLike) -> None:

@@ -18,7 +18,7 @@ def table_row(out: str, name: str) -> tuple[float, float]:
 @pytest.mark.slow
 def test_demo_runs_the_whole_chain_and_learns(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CRYSTALFM_SHARED_DATA", str(tmp_path / "no-shared-data"))  # the demo needs none
-    assert main(["--out", str(tmp_path / "demo"), "--steps", "3", "--epochs", "15"]) == 0
+    assert main(["--out", str(tmp_path / "demo"), "--steps", "3", "--epochs", "6"]) == 0
     out = capsys.readouterr().out
     assert len(out.splitlines()) <= 40, out
     head_mae, head_r2 = table_row(out, "fine-tuned VAE encoder (PDDFormer)")
