@@ -1,55 +1,102 @@
-"""`crystalfm demo`: the whole chain on the embedded sample, on CPU, in minutes.
+"""`crystalfm demo`: the whole chain on embedded data, on CPU, in minutes, ending in a result.
 
-    data build (Ray, in-process) → VAE (stage 1) → release → joint latent flow (stage 2, from the
-    VAE release) → Crys-JEPA → releases → fine-tune (when the package is installed)
+    1 data build     the embedded raw sample (MPtrj, MP-20 CSV, GNoME, CIF layouts) → shards (Ray)
+    2-4 pretrain     CrysLDNet VAE, stage-2 latent flow, Crys-JEPA (DeepSpeed on CPU) → releases
+    5 fine-tune      formation energy of ~2,500 generated crystals (crystalfm/demo_data: prototypes
+                     with substitutions, CHGNet labels), the VAE's encoder fine-tuned end to end
+    6 baselines      the composition baseline (Magpie features + gradient boosting) and the
+                     training-mean predictor, on the same held-out crystals
+    summary          test MAE, R² and the ratio to the composition baseline; plot paths
 
-Each stage calls that stage's Python API with tiny models and a few steps: the point is to see
-every part run and to know where its outputs are, not to train a useful model. It ends by
-printing what was made and how to open the runs in the MLflow UI. A stage whose package is not
-installed yet is reported and skipped, and the chain stops where it cannot go on.
+Pretraining here is a few steps of tiny models, to show every part run; the fine-tune arm is what
+learns. Each stage's own output goes to `<out>/logs/<stage>.log` (shown with --verbose). Needs no
+download and no shared data.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import gzip
+import io
+import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
-TINY_PDDFORMER = {"name": "pddformer", "width": 32, "num_layers": 1, "rbf_bins": 16, "pdd_k": 12,
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "crystals.csv.gz"
+DEMO_PDDFORMER = {"name": "pddformer", "width": 64, "num_layers": 2, "rbf_bins": 16, "pdd_k": 12,
                   "neighbor_rule": {"kind": "knn", "k": 8, "cutoff": 4.0}}
 TINY_TOKENS = {"name": "jepa_transformer", "width": 32, "num_layers": 1, "heads": 2}
+TASK_NAME = "formation_energy_per_atom"
 
 
-class StageUnavailable(RuntimeError):
-    """A stage's package or module is not installed in this version."""
+class Console:
+    """Progress lines on the terminal; everything else of a stage goes to its log file."""
 
+    def __init__(self, work: Path, verbose: bool):
+        self.stream = sys.stdout
+        self.logs = work / "logs"
+        self.verbose = verbose
+        self.lines = 0
 
-def _say(text: str) -> None:
-    print(f"[demo] {text}", flush=True)
+    def say(self, text: str = "") -> None:
+        for line in text.splitlines() or [""]:
+            print(line, file=self.stream, flush=True)
+            self.lines += 1
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Route the stage's stdout/stderr (Python, C and child processes alike) to logs/<name>.log."""
+        if self.verbose:
+            yield
+            return
+        self.logs.mkdir(parents=True, exist_ok=True)
+        path = self.logs / f"{name}.log"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(path, "a") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            python_streams = sys.stdout, sys.stderr
+            sys.stdout = sys.stderr = log
+            try:
+                yield
+            except BaseException:
+                log.flush()
+                self.stream.write(f"[demo] {name} failed; the last lines of {path}:\n")
+                self.stream.write("".join(path.read_text(errors="replace").splitlines(True)[-15:]))
+                raise
+            finally:
+                log.flush()
+                sys.stdout, sys.stderr = python_streams
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
 
 
 # ---------------------------------------------------------------------- stages
-def build_shards(work: Path) -> Path:
-    try:
-        from data_pipeline.build.stages import build
-        from data_pipeline.build.config import BuildConfig, SourceSpec
-        from data_pipeline.sample import sample_sources
-    except ImportError as exc:
-        raise StageUnavailable(f"data build of the embedded sample is not available yet ({exc})") from None
-    try:
-        sources = sample_sources()
-    except FileNotFoundError as exc:
-        raise StageUnavailable(str(exc)) from None
+def build_shards(work: Path) -> tuple[Path, int]:
+    from data_pipeline.build.config import BuildConfig, SourceSpec
+    from data_pipeline.build.stages import build
+    from data_pipeline.sample import sample_sources
+
     out = work / "shards"
-    config = BuildConfig(sources=tuple(SourceSpec.from_dict(s, "sample source") for s in sources),
+    config = BuildConfig(sources=tuple(SourceSpec.from_dict(s, "sample source") for s in sample_sources()),
                          out=str(out), splits={"train": 0.9, "val": 0.1}, num_workers=2)
-    build(config, progress=sys.stderr.isatty(), log=_say)
-    return out
+    result = build(config, progress=False, log=print)
+    return out, _written(result, out)
 
 
-def pretrain(work: Path, shards: Path, name: str, objective: dict, steps: int) -> Path:
+def _written(result, out: Path) -> int:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return sum(split["num_samples"] for split in manifest["splits"].values())
+
+
+def pretrain(work: Path, shards: Path, name: str, objective: dict, steps: int) -> tuple[Path, float]:
     from pretrain.config import load_config
     from pretrain.trainer import train
 
@@ -61,60 +108,79 @@ def pretrain(work: Path, shards: Path, name: str, objective: dict, steps: int) -
     ])
     config.objective = objective
     summary = train(config)
-    _say(f"{name}: {summary['status']} at step {summary['step']}, loss {summary['metrics'].get('loss', float('nan')):.4g}")
-    return Path(summary["checkpoint_dir"])
+    return Path(summary["checkpoint_dir"]), float(summary["metrics"].get("loss", float("nan")))
 
 
 def release(checkpoints: Path, out: Path) -> Path:
     from pretrain.release import release_checkpoint
 
-    path = release_checkpoint(checkpoints, out, alias="demo")
-    _say(f"released {out.name}: {path}")
-    return path
+    return release_checkpoint(checkpoints, out, alias="demo")
 
 
-def sample_property_csv(work: Path) -> Path:
-    """The embedded sample's CDVAE-style CSV as a user fine-tune task: one CIF per crystal plus
-    `formation_energy_per_atom.csv` (structure file, value), so the demo needs no downloaded data."""
-    from data_pipeline.build.readers import Reject, open_reader
-    from data_pipeline.sample import sample_sources
-
-    source = next(s for s in sample_sources() if s["kind"] == "cdvae_csv")
+def demo_task(work: Path) -> tuple[Path, dict]:
+    """The embedded data set as a user CSV task: one CIF per crystal and a table (file, value,
+    split); the split keeps every variant of a prototype decoration on the same side."""
     folder = work / "finetune_data"
     (folder / "cif").mkdir(parents=True, exist_ok=True)
-    reader = open_reader("cdvae_csv", source["path"])
+    counts: dict[str, int] = {}
     rows = []
-    for entry in reader.scan():
-        if isinstance(entry, Reject):
-            continue
-        record = reader.parse(entry)
-        if record.formation_energy_per_atom is None:
-            continue
-        name = record.key.split(":", 1)[-1] + ".cif"
-        record.to_structure().to(filename=str(folder / "cif" / name))
-        rows.append(f"cif/{name},{record.formation_energy_per_atom}")
-    table = folder / "formation_energy_per_atom.csv"
-    table.write_text("structure,formation_energy_per_atom\n" + "\n".join(rows) + "\n")
-    return table
+    with gzip.open(DEMO_DATA, "rt", newline="") as handle:
+        for row in csv.DictReader(handle):
+            name = f"cif/{row['material_id']}.cif"
+            (folder / name).write_text(row["cif"])
+            rows.append((name, row[TASK_NAME], row["split"]))
+            counts[row["split"]] = counts.get(row["split"], 0) + 1
+    table = folder / f"{TASK_NAME}.csv"
+    with open(table, "w", newline="") as handle:
+        csv.writer(handle).writerows([("structure", TASK_NAME, "split"), *rows])
+    return table, counts
 
 
-def finetune(work: Path, encoder: Path) -> Path:
-    try:
-        from finetune.cli import main as finetune_main
-    except ImportError as exc:
-        raise StageUnavailable(f"fine-tuning is not installed yet ({exc})") from None
-    out = work / "finetune"
-    table = sample_property_csv(work)
-    # A frozen-encoder MLP probe of formation energy on the embedded sample (a user-CSV task).
-    argv = ["train", f"csv:{table}", "--unit", "eV/atom", "--encoder", str(encoder), "--mode", "frozen",
-            "--epochs", "5", "--save", str(out), "--tracking-uri", f"sqlite:///{work / 'runs' / 'mlflow.db'}"]
-    try:
-        code = finetune_main(argv)
-    except SystemExit as exc:  # argparse: the fine-tune CLI changed
-        code = exc.code
-    if code:
-        raise StageUnavailable(f"`crystalfm finetune {' '.join(argv)}` exited with {code}")
-    return out
+def finetune_and_baselines(work: Path, table: Path, encoder: Path, epochs: int) -> tuple[dict, dict]:
+    from finetune.baseline import run_baseline
+    from finetune.config import FinetuneConfig
+    from finetune.data import load_task_data
+    from finetune.run import run_finetune
+    from finetune.tasks import get_task
+
+    common = {"task": f"csv:{table}", "unit": "eV/atom", "out": str(work / "finetune"),
+              "tracking_uri": f"sqlite:///{work / 'runs' / 'mlflow.db'}", "device": "cpu"}
+    config = FinetuneConfig.from_dict({**common, "encoder": str(encoder), "mode": "full", "epochs": epochs,
+                                       "batch_size": 32, "lr": 2e-3, "patience": 10, "head_hidden": [64, 64]})
+    task = get_task(config.task, unit=config.unit)
+    data = load_task_data(task, root=config.data_root, fraction=1.0, seed=config.seed, progress=False)
+    outcome = run_finetune(config, data=data, save_to=work / "finetune" / "model", progress=False, verbose=True)
+    baselines = run_baseline(FinetuneConfig.from_dict({**common, "encoder": "baseline"}), data=data, progress=False)
+    rows = {"fine-tuned VAE encoder (PDDFormer)": outcome.result.test}
+    names = {"baseline:magpie-hgb": "composition baseline (Magpie + HGB)", "baseline:train-mean": "mean predictor"}
+    rows.update({names.get(b.model, b.model): b.test for b in baselines})
+    artifacts = _artifact_dir(work, outcome.run_id)
+    plots = {"parity plot": artifacts / "plots" / "parity_test.png",
+             "learning curve": artifacts / "plots" / "learning_curve.png"}
+    info = {"plots": plots, "model": str(work / "finetune" / "model"), "sizes": data.summary()["used"],
+            "registered": (outcome.registered or {}).get("name"), "epochs": outcome.result.epochs_run,
+            "best_epoch": outcome.result.best_epoch}
+    return rows, info
+
+
+def _artifact_dir(work: Path, run_id: str | None) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    from crystalfm_common.tracking import local_artifact_path
+
+    uri = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
+    return local_artifact_path(MlflowClient(uri).get_run(run_id).info.artifact_uri, uri)
+
+
+def summary_table(rows: dict, unit: str) -> list[str]:
+    baseline = rows.get("composition baseline (Magpie + HGB)", {}).get("mae")
+    width = max(len(k) for k in rows)
+    lines = [f"  {'model':<{width}}  test MAE ({unit})  test R²  MAE / baseline",
+             f"  {'-' * width}  {'-' * 17}  {'-' * 7}  {'-' * 14}"]
+    for name, metrics in rows.items():
+        ratio = f"{metrics['mae'] / baseline:.2f}" if baseline else "-"
+        lines.append(f"  {name:<{width}}  {metrics['mae']:>17.4f}  {metrics['r2']:>7.3f}  {ratio:>14}")
+    return lines
 
 
 # ---------------------------------------------------------------------- the chain
@@ -122,68 +188,68 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crystalfm demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="crystalfm-demo", help="working directory (default ./crystalfm-demo)")
-    parser.add_argument("--steps", type=int, default=20, help="optimiser steps per pretraining stage")
-    parser.add_argument("--shards", help="use this shard set instead of building the embedded sample")
+    parser.add_argument("--steps", type=int, default=20, help="optimiser steps per pretraining stage (default 20)")
+    parser.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs, early-stopped (default 15)")
+    parser.add_argument("--verbose", action="store_true", help="show every stage's own output and configs")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    console = Console(work, args.verbose)
+    say = lambda text: console.say(f"[demo] {text}")  # noqa: E731
     start = time.time()
-    made: list[tuple[str, Path]] = []
-    missing: list[str] = []
+    say(f"crystalfm demo in {work} (each stage's output: {console.logs}/)")
 
-    def stage(label, fn, *a):
-        _say(f"── {label}")
-        try:
-            return fn(*a)
-        except StageUnavailable as exc:
-            missing.append(f"{label}: {exc}")
-            _say(f"skipped {label}: {exc}")
-            return None
+    def timed(name: str, fn, *a):
+        t0 = time.time()
+        with console.stage(name):
+            value = fn(*a)
+        return value, time.time() - t0
 
     try:
-        shards = Path(args.shards).resolve() if args.shards else stage("data build (embedded sample, Ray)",
-                                                                       build_shards, work)
-        if shards is not None:
-            made.append(("shard set", shards))
-            vae_ckpt = stage("pretrain VAE (CrysLDNet stage 1)", pretrain, work, shards, "vae",
-                             {"name": "vae", "latent_dim": 8, "encoder": TINY_PDDFORMER}, args.steps)
-            vae = release(vae_ckpt, work / "releases" / "vae")
-            made.append(("VAE release", vae))
-            flow_ckpt = stage("pretrain joint latent flow (CrysLDNet stage 2)", pretrain, work, shards, "latent_flow",
-                              {"name": "latent_flow", "init_from": str(vae),
-                               "dit": {"layers": 1, "width": 32, "heads": 2, "time_frequencies": 16}}, args.steps)
-            made.append(("latent flow release", release(flow_ckpt, work / "releases" / "latent_flow")))
-            jepa_ckpt = stage("pretrain Crys-JEPA", pretrain, work, shards, "jepa",
-                              {"name": "jepa", "encoder": TINY_TOKENS}, args.steps)
-            jepa = release(jepa_ckpt, work / "releases" / "jepa")
-            made.append(("JEPA release", jepa))
-            tuned = stage("fine-tune a property head on the JEPA encoder", finetune, work, jepa)
-            if tuned is not None:
-                made.append(("fine-tuned model", tuned))
-    except Exception:
-        traceback.print_exc()
-        _say("the demo stopped with the error above; what was made so far is listed below")
-        _report(work, made, missing, start)
+        (shards, count), s = timed("1-data_build", build_shards, work)
+        say(f"1/6 data build: embedded raw sample (MPtrj, MP-20 CSV, GNoME, CIFs) → {count} crystals in shards ({s:.0f} s)")
+        stages = [("vae", "2/6 pretrain CrysLDNet VAE", {"name": "vae", "latent_dim": 8, "encoder": DEMO_PDDFORMER}),
+                  ("latent_flow", "3/6 pretrain latent flow (stage 2)", None),
+                  ("jepa", "4/6 pretrain Crys-JEPA", {"name": "jepa", "encoder": TINY_TOKENS})]
+        releases = {}
+        for number, (name, label, objective) in enumerate(stages, start=2):
+            if objective is None:
+                objective = {"name": "latent_flow", "init_from": str(releases["vae"]),
+                             "dit": {"layers": 1, "width": 32, "heads": 2, "time_frequencies": 16}}
+            t0 = time.time()
+            with console.stage(f"{number}-pretrain_{name}"):
+                checkpoints, loss = pretrain(work, shards, name, objective, args.steps)
+                releases[name] = release(checkpoints, work / "releases" / name)
+            say(f"{label}: {args.steps} steps, loss {loss:.4g} → {releases[name]} ({time.time() - t0:.0f} s)")
+        (table, counts), _ = timed("5-finetune", demo_task, work)
+        say(f"5/6 fine-tune {TASK_NAME} on the embedded generated crystals ({counts.get('train', 0)} train / "
+            f"{counts.get('val', 0)} val / {counts.get('test', 0)} test; CHGNet labels) ...")
+        t0 = time.time()
+        (rows, info), _ = timed("5-finetune", finetune_and_baselines, work, table, releases["vae"], args.epochs)
+        say(f"    best epoch {info['best_epoch']} of {info['epochs']}; 6/6 baselines on the same split "
+            f"({time.time() - t0:.0f} s)")
+    except Exception as error:  # the stage's log tail has been shown
+        say(f"stopped: {type(error).__name__}: {error}")
         return 1
-    _report(work, made, missing, start)
-    return 0
 
-
-def _report(work: Path, made, missing, start) -> None:
-    print(f"\ncrystalfm demo finished in {time.time() - start:.0f} s. Made:")
-    for label, path in made:
-        print(f"  {label:<22} {path}")
-    for line in missing:
-        print(f"  (not run) {line}")
+    console.say(f"\nHeld-out crystals ({info['sizes']['test']}), formation energy per atom:")
+    for line in summary_table(rows, "eV/atom"):
+        console.say(line)
+    head, mean = rows["fine-tuned VAE encoder (PDDFormer)"], rows["mean predictor"]
+    verdict = "beats" if head["mae"] < mean["mae"] else "does NOT beat"
+    console.say(f"  the fine-tuned head {verdict} the mean predictor; the composition baseline is reported as measured")
+    for label, path in info["plots"].items():
+        console.say(f"  {label}: {path}")
     db = work / "runs" / "mlflow.db"
-    if db.exists():
-        print(f"\nOpen the runs in the MLflow UI:\n  mlflow ui --backend-store-uri sqlite:///{db} "
-              f"--default-artifact-root {work / 'runs' / 'mlartifacts'}\n  then browse http://127.0.0.1:5000")
-    releases = [path for label, path in made if "release" in label]
-    if releases:
-        print("Load a released model:\n  from pretrain.release import load_pretrained\n"
-              f"  model = load_pretrained('{releases[-1]}')")
+    console.say(f"\nDone in {time.time() - start:.0f} s. Browse the runs:\n"
+                f"  mlflow ui --backend-store-uri sqlite:///{db}\n"
+                "Use the model from Python:\n"
+                f"  import crystalfm; model = crystalfm.load('{info['model']}')\n"
+                f"  model.predict(['my.cif'])   # or crystalfm.load('models:/{info['registered']}@best', "
+                f"tracking_uri='sqlite:///{db}')")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""Which MLflow store a run logs to: the one rule every package uses."""
+"""Which MLflow store a run logs to, and where its artifacts live: the one rule every package uses.
+
+A local store is a folder: `<folder>/mlflow.db` (SQLite) and `<folder>/mlartifacts/` (every
+experiment's artifacts, whichever stage made it). MLflow records artifact locations as absolute
+URIs, so `local_artifact_path` re-roots them when the folder has been moved or copied.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+ARTIFACT_DIR = "mlartifacts"
+ARTIFACT_ROOT_ENV = "CRYSTALFM_ARTIFACT_ROOT"
 
 
 def resolve_tracking_uri(run_root: str | os.PathLike, configured: str | None = None) -> str:
@@ -14,3 +23,41 @@ def resolve_tracking_uri(run_root: str | os.PathLike, configured: str | None = N
     root = Path(run_root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder holding a `sqlite:///...` store's database file; None for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent
+
+
+def artifact_root(tracking_uri: str, configured: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: `configured`, else $CRYSTALFM_ARTIFACT_ROOT, else
+    `<store folder>/mlartifacts` for a SQLite store; None lets a tracking server decide."""
+    chosen = configured or os.environ.get(ARTIFACT_ROOT_ENV)
+    if chosen:
+        return chosen if "://" in chosen else Path(chosen).expanduser().resolve().as_uri()
+    folder = sqlite_folder(tracking_uri)
+    return (folder / ARTIFACT_DIR).as_uri() if folder is not None else None
+
+
+def local_artifact_path(artifact_uri: str, tracking_uri: str) -> Path | None:
+    """A local file artifact as a path: as recorded when it exists, else re-rooted under the store's
+    own `mlartifacts/` (the store folder was moved); None when it is not a local file URI."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("file", ""):
+        return None
+    path = Path(unquote(parsed.path))
+    if path.exists():
+        return path
+    folder = sqlite_folder(tracking_uri)
+    if folder is not None and ARTIFACT_DIR in path.parts:
+        last = len(path.parts) - 1 - path.parts[::-1].index(ARTIFACT_DIR)
+        moved = folder.joinpath(ARTIFACT_DIR, *path.parts[last + 1:])
+        if moved.exists():
+            return moved
+    raise FileNotFoundError(
+        f"artifact {artifact_uri} is not on this machine (nor under {folder / ARTIFACT_DIR if folder else 'the store'}); "
+        "was the store copied without its mlartifacts/ folder?"
+    )

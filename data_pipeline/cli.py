@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 BUILD_EPILOG = """\
 examples:
@@ -118,6 +119,19 @@ def _sample_sources() -> list[dict]:
         raise BuildError(f"the embedded demo sample is incomplete: {exc}") from None
 
 
+def check_sources(config) -> None:
+    """Every source and exclude names a known reader kind and a path that exists."""
+    from data_pipeline.build.config import ConfigError
+    from data_pipeline.build.readers import available_readers
+
+    known = available_readers()
+    for spec in (*config.sources, *config.exclude):
+        if spec.kind not in known:
+            raise ConfigError(f"source {spec.kind}:{spec.path}: unknown kind {spec.kind!r}; known kinds: {', '.join(known)}")
+        if not Path(spec.path).expanduser().exists():
+            raise ConfigError(f"source {spec.kind}:{spec.path}: {spec.path} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
@@ -125,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         from data_pipeline.build.config import ConfigError
 
         try:
-            build(config_from_args(args), progress=not args.no_progress)
+            config = config_from_args(args)
+            check_sources(config)  # before Ray starts: a typo fails in a second, not after start-up
+            build(config, progress=not args.no_progress)
         except (BuildError, ConfigError) as exc:
             print(f"crystalfm data build: error: {exc}", file=sys.stderr)
             return 2

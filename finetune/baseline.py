@@ -218,7 +218,7 @@ def run_name(model: str, config: FinetuneConfig) -> str:
 def _track(config: FinetuneConfig, task, data: TaskData, outcome: BaselineOutcome, test_pred, params: dict) -> str:
     from finetune.plots import parity_plot
 
-    tracker = Tracker(config.out, config.tracking_uri)
+    tracker = Tracker(config.out, config.tracking_uri, config.artifact_root)
     tags = {
         "task": task.name, "target": task.target, "unit": task.unit, "encoder": outcome.model,
         "encoder_name": outcome.model.split(":", 1)[1], "mode": BASELINE, "fraction": f"{config.fraction:g}",
@@ -263,7 +263,7 @@ def _track(config: FinetuneConfig, task, data: TaskData, outcome: BaselineOutcom
 def _relevant(config: FinetuneConfig) -> dict:
     """The config fields a baseline run depends on (the neural ones would only mislead)."""
     keep = ("task", "encoder", "mode", "fraction", "seed", "max_train", "max_eval", "max_val", "data_root", "out",
-            "tracking_uri", "target_name", "unit")
+            "tracking_uri", "artifact_root", "target_name", "unit")
     return {k: v for k, v in config.to_dict().items() if k in keep}
 
 

@@ -22,7 +22,7 @@ _TRAIN_FLAGS = (
     "encoder", "mode", "probe", "readout", "head_init", "fraction", "seed", "epochs", "batch_size", "lr", "encoder_lr",
     "lr_grid", "lr_select", "lr_select_seed",
     "weight_decay", "patience", "max_train", "max_eval", "max_val", "num_workers", "device", "data_root", "out",
-    "tracking_uri", "target_name", "unit", "dropout",
+    "tracking_uri", "artifact_root", "target_name", "unit", "dropout",
 )
 
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-name", help="csv tasks: name of the value column")
     train.add_argument("--unit", help="csv tasks: unit of the value column")
     train.add_argument("--save", help="also write the model directory here")
+    train.add_argument("--verbose", action="store_true", help="print the full resolved config (it is always saved "
+                       "with the run as config/config.yaml)")
     train.add_argument("--no-tracking", action="store_true", help="no MLflow; the model dir goes to OUT/models/...")
     _common(train)
 
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(parser, data: bool = True):
     parser.add_argument("--out", help="root of the local MLflow store and outputs (default finetune_runs)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db)")
+    parser.add_argument("--artifact-root", help="where new experiments keep artifacts (default $CRYSTALFM_ARTIFACT_ROOT, "
+                        "or mlartifacts/ beside a SQLite store)")
     if data:
         parser.add_argument("--data-root", help="shared data root (default $CRYSTALFM_SHARED_DATA or ../shared/data)")
 
@@ -163,7 +167,7 @@ def cmd_train(args) -> int:
 
         run_baseline(config, tracking=not args.no_tracking)
         return 0
-    run_finetune(config, tracking=not args.no_tracking, save_to=args.save)
+    run_finetune(config, tracking=not args.no_tracking, save_to=args.save, show_config=args.verbose)
     return 0
 
 
@@ -171,7 +175,7 @@ def cmd_baseline(args) -> int:
     from finetune.baseline import MAGPIE_HGB, MODELS, run_baseline_grid
 
     fields = {name: getattr(args, name) for name in ("max_train", "max_eval", "max_val", "target_name", "unit",
-                                                      "data_root", "out", "tracking_uri")
+                                                      "data_root", "out", "tracking_uri", "artifact_root")
               if getattr(args, name, None) is not None}
     models = (MAGPIE_HGB,) if args.no_mean else MODELS
     run_baseline_grid(args.task, fractions=args.fractions, seeds=args.seeds, models=models, **fields)

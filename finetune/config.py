@@ -83,6 +83,7 @@ class FinetuneConfig:
     data_root: str | None = None  # default: $CRYSTALFM_SHARED_DATA or ../shared/data beside the repo
     out: str = "finetune_runs"  # root of the default MLflow store, artifacts and model dirs
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<out>/mlflow.db
+    artifact_root: str | None = None  # new experiments' artifacts; default: mlartifacts/ beside a SQLite store
     register: bool = True  # keep the best run per task registered with alias "best"
     # User CSV tasks ("csv:PATH"): name and unit of the value column.
     target_name: str | None = None

@@ -36,7 +36,7 @@ from finetune.data import TaskData, load_task_data
 from finetune.train import FitResult, fit
 
 # Fields that do not change what a run learns (or only name where it writes): left out of the cell.
-_NOT_IN_CELL = ("seed", "lr", "encoder_lr", "out", "tracking_uri", "register", "device", "num_workers", "data_root")
+_NOT_IN_CELL = ("seed", "lr", "encoder_lr", "out", "tracking_uri", "artifact_root", "register", "device", "num_workers", "data_root")
 
 
 @dataclass

@@ -69,7 +69,9 @@ def save_model_dir(model: PropertyModel, out_dir: str | os.PathLike, meta: dict)
         f"Predicts `{task['target']}` ({task['unit'] or 'dimensionless'}) from a crystal structure.\n\n"
         f"- encoder: {meta.get('encoder_label')} ({meta.get('mode')} fine-tuning), fraction {meta.get('fraction')}, seed {meta.get('seed')}\n"
         f"- test metrics: {json.dumps(meta.get('metrics', {}).get('test', {}))}\n\n"
-        f"Use: `crystalfm finetune predict {out_dir.name} STRUCTURE_FILES_OR_FOLDER`\n"
+        f"Use: `crystalfm finetune predict {out_dir.name} STRUCTURE_FILES_OR_FOLDER`, or from Python:\n\n"
+        f"```python\nimport crystalfm\nmodel = crystalfm.load('{out_dir.name}')  # or models:/crystalfm-{task['name']}@best\n"
+        f"values = model.predict([structure, atoms, 'crystal.cif'])  # {task['unit'] or 'dimensionless'}\n```\n"
     )
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from crystalfm_common.tracking import local_artifact_path
 from data_pipeline.load.collate import collate
 from data_pipeline.build.readers import RecordError, Reject
 from finetune.model_dir import META, LoadedModel, load_model
@@ -88,6 +89,13 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
             name, _, number = name.partition("/")
             version = client.get_model_version(name, number)
         uri = version.source
+    elif uri.startswith("runs:/"):
+        run_id, _, sub = uri[len("runs:/"):].partition("/")
+        run_uri = MlflowClient(tracking_uri=store).get_run(run_id).info.artifact_uri
+        uri = f"{run_uri}/{sub}" if sub else run_uri
+    local = local_artifact_path(uri, store)  # a local store may have been moved since it recorded uri
+    if local is not None:
+        return local
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store))
 
 

@@ -50,12 +50,13 @@ def run_finetune(
     save_to: str | Path | None = None,
     progress: bool = True,
     verbose: bool = True,
+    show_config: bool = False,
 ) -> RunOutcome:
     task = get_task(config.task, target_name=config.target_name, unit=config.unit)
     resolved = {**config.to_dict(), "task_spec": task.to_dict(), "git_commit": git_commit()}
     if config.lr_grid:
         resolved["lr"] = "chosen from lr_grid (tag lr_selected)"  # the config's lr is not used
-    if verbose:
+    if show_config:  # always written beside the outputs and logged to MLflow (config/config.yaml)
         print(f"[finetune] config:\n{json.dumps(resolved, indent=2, default=str)}", flush=True)
     if data is None:
         data = load_task_data(
@@ -67,7 +68,7 @@ def run_finetune(
     backbone = load_backbone(config.encoder, config.mode, encoder_config=config.encoder_config, seed=config.seed)
     name = run_name(config, backbone.label)
 
-    tracker = Tracker(config.out, config.tracking_uri) if tracking else None
+    tracker = Tracker(config.out, config.tracking_uri, config.artifact_root) if tracking else None
     if tracker is not None:
         tracker.start(task.name, name, _tags(config, task, backbone), resolved)
     try:

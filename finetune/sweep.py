@@ -134,7 +134,7 @@ def run_sweep(
         print("[sweep] nothing to run", flush=True)
         return []
     first = runs[0]
-    tracker = Tracker(first.out, first.tracking_uri)  # creates the SQLite schema once, here
+    tracker = Tracker(first.out, first.tracking_uri, first.artifact_root)  # creates the SQLite schema once, here
     for task in sorted({r.task for r in runs}):
         tracker.experiment_id(task)
     if not rerun:

@@ -1,8 +1,10 @@
 """MLflow tracking of fine-tune runs: one experiment per task, tagged runs, the registry alias.
 
 Store: `--tracking-uri`, else $MLFLOW_TRACKING_URI, else a local SQLite store
-`sqlite:///<out>/mlflow.db` whose experiments keep artifacts under `<out>/artifacts`
-(browse with `mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db`).
+`sqlite:///<out>/mlflow.db`. Artifacts: `--artifact-root`, else $CRYSTALFM_ARTIFACT_ROOT, else
+`mlartifacts/` beside a SQLite store's database (`crystalfm_common.tracking.artifact_root`), so
+a store folder holds everything its registry points at (browse with
+`mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db`).
 
 Every run carries the tags the comparison groups by (`TAGS`): task, encoder (release id or
 "scratch"), mode, fraction, seed; plus the pretraining MLflow run id when the release records
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from crystalfm_common.provenance import git_commit
-from crystalfm_common.tracking import resolve_tracking_uri
+from crystalfm_common.tracking import artifact_root, resolve_tracking_uri
 
 EXPERIMENT_PREFIX = "finetune/"
 MODEL_PREFIX = "crystalfm-"
@@ -37,12 +39,13 @@ def registered_model_name(task: str) -> str:
 class Tracker:
     """A thin layer over `MlflowClient` (explicit client, no global active run: safe in Ray workers)."""
 
-    def __init__(self, out: str | os.PathLike = "finetune_runs", tracking_uri: str | None = None):
+    def __init__(self, out: str | os.PathLike = "finetune_runs", tracking_uri: str | None = None,
+                 artifact_location: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.out = Path(out).expanduser().resolve()
         self.uri = resolve_tracking_uri(self.out, tracking_uri)
-        self.local_store = self.uri.startswith("sqlite:///") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        self.artifact_location = artifact_root(self.uri, artifact_location)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.run_id: str | None = None
 
@@ -52,9 +55,9 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = (self.out / "artifacts").as_uri() if self.local_store else None
         try:
-            return self.client.create_experiment(name, artifact_location=location, tags={"crystalfm.task": task})
+            return self.client.create_experiment(name, artifact_location=self.artifact_location,
+                                                 tags={"crystalfm.task": task})
         except Exception:  # another worker created it first
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:

@@ -238,9 +238,11 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
               "A pretrained crystal encoder to fine-tune property heads on (`crystalfm finetune`) and, for "
               "generative objectives, to sample and screen candidate crystals (`crystalfm discovery`). Not a "
               "substitute for DFT validation of predicted properties or stability.", "",
-              "## Loading", "", "```python", "from pretrain.release import load_pretrained",
-              "model = load_pretrained('<this directory>')  # safetensors, no pickle", "encoder = model.encoder",
-              "```"]
+              "## Loading", "", "```python", "import crystalfm",
+              "model = crystalfm.load('<this directory>')  # safetensors, no pickle",
+              "vectors = model.embed([structure, atoms, 'crystal.cif'])  # pymatgen, ASE or CIF/POSCAR paths",
+              "```", "", "The bare objective: `pretrain.release.load_pretrained('<this directory>')` "
+              "(its `.encoder` is the shared encoder interface)."]
     if registry:
         lines += ["", f"MLflow model registry: `{registry}`."]
     return "\n".join(lines) + "\n"
@@ -299,7 +301,12 @@ def register_release(release_dir: Path, tracking_uri: str, name: str, alias: str
             run_id = None
     if run_id is None:  # the run is not in this store: make a run that holds the release
         experiment = client.get_experiment_by_name("crystalfm-releases") or None
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment("crystalfm-releases")
+        if experiment is None:
+            from crystalfm_common.tracking import artifact_root
+
+            experiment_id = client.create_experiment("crystalfm-releases", artifact_location=artifact_root(tracking_uri))
+        else:
+            experiment_id = experiment.experiment_id
         run_id = client.create_run(experiment_id, run_name=f"release {release_id(release_dir)}").info.run_id
         client.set_terminated(run_id)
     artifact_path = f"release-{release_id(release_dir)}"

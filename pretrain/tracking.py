@@ -1,7 +1,8 @@
 """MLflow tracking for training runs: params, metrics, config, and the data the run was trained on.
 
 Store: `tracking.tracking_uri` from config, else `$MLFLOW_TRACKING_URI` (a team server), else a
-local SQLite file `sqlite:///<run root>/mlflow.db` with artifacts in `<run root>/mlartifacts`
+local SQLite file `sqlite:///<run root>/mlflow.db`; artifacts in `mlartifacts/` beside the database
+(`crystalfm_common.tracking.artifact_root`)
 (open it with `mlflow ui --backend-store-uri sqlite:///<run root>/mlflow.db`).
 
 A requeued or resumed job continues the same MLflow run: its id is kept in `<run dir>/mlflow_run_id`.
@@ -21,6 +22,17 @@ RUN_ID_FILE = "mlflow_run_id"
 
 def artifact_location(run_root: str | os.PathLike) -> str:
     return (Path(run_root).resolve() / "mlartifacts").as_uri()
+
+
+def experiment_artifact_location(tracking_uri: str, run_root: str | os.PathLike) -> str | None:
+    """The common rule (`crystalfm_common.tracking.artifact_root`: mlartifacts/ beside a SQLite
+    store, or $CRYSTALFM_ARTIFACT_ROOT); a non-file SQLite URI falls back to the run root."""
+    from crystalfm_common.tracking import artifact_root
+
+    location = artifact_root(tracking_uri)
+    if location is None and tracking_uri.startswith("sqlite:"):
+        location = artifact_location(run_root)
+    return location
 
 
 def manifest_sha256(shard_dir: str | os.PathLike | None) -> str | None:
@@ -70,7 +82,7 @@ class MlflowTracker(NullTracker):
         client = mlflow.MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            location = artifact_location(run_root) if tracking_uri.startswith("sqlite:") else None
+            location = experiment_artifact_location(tracking_uri, run_root)
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
@@ -110,7 +122,8 @@ class MlflowTracker(NullTracker):
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if _is_number(v)}
+        # Names as in metrics.jsonl and the model card: MLflow's UI groups charts by the part before "/".
+        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         self._mlflow.log_metrics(clean, step=step)
 
     def log_artifact(self, path: str | os.PathLike) -> None:

@@ -55,3 +55,13 @@ def test_sample_build_or_a_clear_message(tmp_path, capsys):
         return
     assert main(["build", "--sample", "--inline", "--no-progress", "--out", str(tmp_path / "demo")]) == 0
     assert (tmp_path / "demo" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("source", ["bogus:some/dir", "cdvae_csv:no/such/file.csv"])
+def test_bad_source_fails_before_ray_and_leaves_nothing(source, tmp_path, capsys):
+    from data_pipeline.cli import main as data_main
+
+    assert data_main(["build", "--source", source, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert source.split(":")[0] in err and ("unknown kind" in err or "does not exist" in err)
+    assert not (tmp_path / "out").exists()

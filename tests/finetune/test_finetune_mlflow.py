@@ -43,7 +43,7 @@ def test_run_is_tagged_logged_and_registered(tmp_path, release_dir, mp20_task_da
     plots = {a.path for a in tracker.client.list_artifacts(outcome.run_id, "plots")}
     assert plots == {"plots/parity_test.png", "plots/learning_curve.png"}
     assert {a.path for a in tracker.client.list_artifacts(outcome.run_id, "config")} == {"config/config.yaml"}
-    local = out / "artifacts" / outcome.run_id / "artifacts"
+    local = out / "mlartifacts" / outcome.run_id / "artifacts"  # beside the store: the folder holds everything
     assert (local / "plots" / "parity_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     version = tracker.client.get_model_version_by_alias(registered_model_name("mp20_formation_energy_per_atom"), "best")
     assert version.run_id == outcome.run_id and outcome.registered["changed"]
