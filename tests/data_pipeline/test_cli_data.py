@@ -41,7 +41,7 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
     assert main(["build", "--source", "nonsense", "--inline"]) == 2
     assert "expected KIND:PATH[:NAME]" in capsys.readouterr().err
     assert main(["build", "--source", "no_such_kind:x", "--inline", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown source kind 'no_such_kind'" in capsys.readouterr().err
+    assert "unknown kind 'no_such_kind'" in capsys.readouterr().err
 
 
 def test_sample_build_or_a_clear_message(tmp_path, capsys):
