@@ -126,3 +126,19 @@ class ListLoader:
             self.position += 1
             yield collate([self.records[i] for i in indices], self.views)
         self.epoch, self.position = self.epoch + 1, 0
+
+
+class Fixed:
+    """Yields the given batches in order (ShardLoader API)."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def __iter__(self):
+        while self.position < len(self.batches):
+            self.position += 1
+            yield self.batches[self.position - 1]
+
+    def set_epoch(self, epoch): self.position = 0
+    def state_dict(self): return {"position": self.position}
+    def load_state_dict(self, state): self.position = state["position"]

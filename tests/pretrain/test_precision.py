@@ -9,6 +9,7 @@ import torch
 from data_pipeline.load.collate import BatchViews, collate
 from pretrain.config import load_config
 from pretrain.objectives import build_objective
+from pretrain_trainer_fixtures import Fixed
 
 PDD = {"name": "pddformer", "width": 32, "num_layers": 2, "rbf_bins": 16, "pdd_k": 12}
 TOKENS = {"name": "jepa_transformer", "width": 32, "num_layers": 2, "heads": 4}
@@ -16,22 +17,6 @@ TOKENS = {"name": "jepa_transformer", "width": 32, "num_layers": 2, "heads": 4}
 # models the loss moves by well under 3%. A loss computed in bf16 end to end, or on rounded
 # coordinates, is not what this bounds: the exactness of the inputs is asserted separately.
 LOSS_RTOL = 3e-2
-
-
-class Fixed:
-    """Yields the given batches in order (ShardLoader API)."""
-
-    def __init__(self, batches):
-        self.batches, self.position = batches, 0
-
-    def __iter__(self):
-        while self.position < len(self.batches):
-            self.position += 1
-            yield self.batches[self.position - 1]
-
-    def set_epoch(self, epoch): self.position = 0
-    def state_dict(self): return {"position": self.position}
-    def load_state_dict(self, state): self.position = state["position"]
 
 
 def test_batch_geometry_is_exact_under_autocast(mp20_records):

@@ -9,7 +9,7 @@ import torch
 
 from data_pipeline.load.collate import collate
 from pretrain.config import load_config
-from pretrain_trainer_fixtures import LinearEnergy, ListLoader
+from pretrain_trainer_fixtures import Fixed, LinearEnergy, ListLoader
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +26,6 @@ def _trainer(tmp_path, loader, *overrides, objective=None):
                                 "checkpoint.resume=none", "optim.grad_clip=0", *overrides])
     torch.manual_seed(config.run.seed)
     return Trainer(config, objective=objective or LinearEnergy(dim=8), loader=loader, log=lambda s: None)
-
-
-class Fixed:
-    """Yields the given batches in order (ShardLoader API)."""
-
-    def __init__(self, batches):
-        self.batches, self.position = batches, 0
-
-    def __iter__(self):
-        while self.position < len(self.batches):
-            self.position += 1
-            yield self.batches[self.position - 1]
-
-    def set_epoch(self, epoch): self.position = 0
-    def state_dict(self): return {"position": self.position}
-    def load_state_dict(self, state): self.position = state["position"]
 
 
 def _full_grads(trainer):
