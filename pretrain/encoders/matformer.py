@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.encoders.base import Encoder, register_encoder
+from pretrain.encoders.atom_embedding import build_atom_embedding
 from pretrain.encoders.blocks import GaussianRBF, edge_lengths, gather_edges, make_norm, model_dtype
 from pretrain.kernels import CSRGraph, gated_aggregate, neighbor_attention
 
@@ -86,6 +87,8 @@ class MatformerEncoder(Encoder):
         rbf_bins: 128 Gaussians over [0, rbf_cutoff = 8] Å.
         aggregation: 'gated' (Matformer's sigmoid gate, default) or 'attention' (softmax per head).
         norm: 'layer' (default, batch-independent) or 'batch' (the paper's BatchNorm1d).
+        atom_features: 'learned' (a free row per element, default) or 'magpie' (element properties
+            + a zero-initialised learned row: atom_embedding.py; better with few labels).
         neighbor_rule: overrides of the loader's neighbour rule (k, cutoff, lattice_self_edges).
         activation_checkpointing: recompute each layer's activations in the backward pass (less memory).
     Input: a CrystalBatch with the graph view. Output: per-atom latents [N, width].
@@ -104,6 +107,7 @@ class MatformerEncoder(Encoder):
         aggregation: str = "gated",
         norm: str = "layer",
         max_z: int = 100,
+        atom_features: str = "learned",
         neighbor_rule: dict | None = None,
         activation_checkpointing: bool = False,
     ):
@@ -111,7 +115,7 @@ class MatformerEncoder(Encoder):
         self.out_dim = width
         self.activation_checkpointing = activation_checkpointing
         self.neighbor_rule = {**type(self).neighbor_rule, **(neighbor_rule or {})}
-        self.atom_embedding = nn.Embedding(max_z + 1, width)
+        self.atom_embedding = build_atom_embedding(atom_features, max_z, width)
         self.edge_embedding = DistanceEmbedding(width, rbf_bins, rbf_cutoff)
         self.layers = nn.ModuleList(MatformerLayer(width, heads, aggregation, norm) for _ in range(num_layers))
 

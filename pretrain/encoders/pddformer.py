@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.encoders.base import Encoder, register_encoder
+from pretrain.encoders.atom_embedding import build_atom_embedding
 from pretrain.encoders.blocks import GaussianRBF, edge_lengths, gather_edges, make_norm, model_dtype
 from pretrain.kernels import CSRGraph, gated_aggregate
 
@@ -120,6 +121,8 @@ class PDDFormerEncoder(Encoder):
         rbf_bins: RBF bins for the −0.75/|r| edge transform over `rbf_range` (default 256 over [−4, 0]).
         pdd_k: PDD neighbours; the loader must build `batch.pdd` with k = pdd_k ([N, pdd_k + 1]).
         norm: 'layer' (default: per-atom, batch-independent) or 'batch' (the paper's BatchNorm1d).
+        atom_features: 'learned' (a free row per element, default) or 'magpie' (element properties
+            + a zero-initialised learned row: atom_embedding.py; better with few labels).
         dropout: dropout in the PDD gate (paper: 0.1; pretraining default 0).
         neighbor_rule: overrides of the loader's neighbour rule (k, cutoff, lattice_self_edges).
         activation_checkpointing: recompute each layer's E×d edge activations in the backward pass
@@ -142,6 +145,7 @@ class PDDFormerEncoder(Encoder):
         norm: str = "layer",
         dropout: float = 0.0,
         max_z: int = 100,
+        atom_features: str = "learned",
         neighbor_rule: dict | None = None,
         activation_checkpointing: bool = False,
     ):
@@ -152,7 +156,7 @@ class PDDFormerEncoder(Encoder):
         self.pdd_k = pdd_k
         self.activation_checkpointing = activation_checkpointing
         self.neighbor_rule = {**type(self).neighbor_rule, **(neighbor_rule or {})}
-        self.atom_embedding = nn.Embedding(max_z + 1, width)
+        self.atom_embedding = build_atom_embedding(atom_features, max_z, width)
         self.pdd_embedding = nn.Linear(pdd_k + 1, width)
         self.edge_embedding = EdgeEmbedding(width, rbf_bins, *rbf_range)
         self.attention = nn.ModuleList(NodeAttentionLayer(width, norm) for _ in range(num_layers))
