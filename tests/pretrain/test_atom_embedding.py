@@ -71,3 +71,24 @@ def test_learned_features_keep_the_old_state_dict_keys():
 def test_unknown_atom_features_is_a_clear_error():
     with pytest.raises(ValueError, match="atom_features must be one of"):
         build_encoder({**SMALL["matformer"], "atom_features": "cgcnn"})
+
+
+def test_release_with_magpie_features_loads_with_its_table(tmp_path, mp20_records):
+    """A released VAE whose Matformer starts from element properties: `crystalfm.load` rebuilds the
+    same encoder (config `atom_features: magpie`, the table from the state dict) and embeds crystals."""
+    import crystalfm
+    from pretrain.objectives import build_objective
+    from pretrain.release import save_release
+
+    torch.manual_seed(0)
+    config = {"name": "vae", "encoder": {**SMALL["matformer"], "atom_features": "magpie"}, "latent_dim": 8}
+    objective = build_objective(config)
+    release = save_release(objective, config, tmp_path / "release", views=objective.batch_views())
+
+    model = crystalfm.load(release)
+    original, loaded = objective.encoder.state_dict(), model.encoder.state_dict()
+    assert set(original) == set(loaded)
+    for key in original:
+        torch.testing.assert_close(loaded[key], original[key], msg=key)
+    embeddings = model.embed([mp20_records[0].to_structure(), mp20_records[1].to_structure()])
+    assert embeddings.shape == (2, 16) and np.isfinite(embeddings).all()
