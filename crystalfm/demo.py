@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from crystalfm_common.metrics import metric_name
+
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "crystals.csv.gz"
 DEMO_PDDFORMER = {"name": "pddformer", "width": 64, "num_layers": 2, "rbf_bins": 16, "pdd_k": 12,
                   "neighbor_rule": {"kind": "knn", "k": 8, "cutoff": 4.0}}
@@ -108,7 +110,7 @@ def pretrain(work: Path, shards: Path, name: str, objective: dict, steps: int) -
     ])
     config.objective = objective
     summary = train(config)
-    return Path(summary["checkpoint_dir"]), float(summary["metrics"].get("loss", float("nan")))
+    return Path(summary["checkpoint_dir"]), float(summary["metrics"].get(metric_name("train", "loss"), float("nan")))
 
 
 def release(checkpoints: Path, out: Path) -> Path:

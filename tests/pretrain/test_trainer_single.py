@@ -73,7 +73,7 @@ def test_bf16_trains(tmp_path, records):
                        "train.log_every=1", "checkpoint.every_steps=3", "optim.lr=0.01")
     summary = trainer.fit()
     assert summary["status"] == "finished" and summary["step"] == 3
-    assert math.isfinite(summary["metrics"]["loss"]), summary["metrics"]
+    assert math.isfinite(summary["metrics"]["train/loss"]), summary["metrics"]
     # bf16 is autocast over fp32 weights (pretrain/precision.py): the release is those weights.
     assert trainer.engine.module.head.weight.dtype == torch.float32
     from pretrain.release import consolidate_fp32
