@@ -115,6 +115,7 @@ def _rounds(cfg: RefineConfig, hull, novelty, elemental, jepa, reference_index, 
         round_dir = out / f"round{round_}"
         with mlflow.start_run(run_name=f"round{round_}", experiment_id=experiment_id):
             mlflow.log_params({"n": cfg.n, "keep": cfg.keep, "ranker": "jepa_dc", "generator": generator_dir, "round": round_})
+            mlflow.log_artifact(str(out / "config.yaml"))  # the full refine config, beside the round's tables
             verdicts, rows, samples = run_round(cfg, generator_dir, round_, hull, novelty, elemental, jepa, reference_index, round_dir)
             write_table([v.row() for v in verdicts], round_dir / "vsun_table.csv")
             write_table([dataclasses.asdict(r) for r in rows], round_dir / "screen.csv")
