@@ -29,11 +29,12 @@ def quiet_third_party(verbose: bool = False) -> None:
     if verbose:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow at import, also in child ranks
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow's and pydantic's future-deprecation notes are for library authors, not users of a command.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow(\..*)?")
+    # DeepSpeed's ZeRO calls a deprecated torch.distributed collective: two lines per rank per step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed(\..*)?")
 
 
 def local_ray_auth() -> None:
