@@ -170,8 +170,10 @@ def build(config: BuildConfig, *, progress: bool = True, log: Callable[[str], No
             removed = created.remove_new(out)
             if removed:
                 log(f"build failed: removed what it had created ({removed}); --keep-failed keeps it")
-        elif (out / WORK_DIR).exists():
-            log(f"build failed: kept {out / WORK_DIR} (--keep-failed); a rerun with the same config resumes from it")
+        if (keep_failed or created.work_existed) and (out / WORK_DIR).exists():
+            why = "--keep-failed" if keep_failed else "it was there before this run"
+            log(f"build failed: kept {out / WORK_DIR} ({why}); a rerun with the same config resumes from it, "
+                "--force discards it")
         raise
     finally:
         if started_ray:
@@ -200,11 +202,17 @@ class _Created:
             return ""
         new = [p for p in out.iterdir() if p.name not in self.entries]
         for path in new:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        files = sum(1 for p in new if p.name != WORK_DIR)
+        what = " and ".join(([f"{out / WORK_DIR}/"] if any(p.name == WORK_DIR for p in new) else [])
+                            + ([f"{files} partial file(s) in {out}"] if files else []))
         if not self.out_existed and not any(out.iterdir()):
             out.rmdir()
-            return f"{out}/ and its {len(new)} entr{'y' if len(new) == 1 else 'ies'}"
-        return ", ".join(sorted(f"{out / p.name}" + ("/" if p.name == WORK_DIR else "") for p in new))
+            what = f"{out}/ with {what}" if what else f"{out}/"
+        return what
 
 
 def _indent(text: str) -> str:
@@ -289,14 +297,21 @@ def connect_ray(address: str | None, num_workers: int | None, log, verbose: bool
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True, log_to_driver=verbose)
-    if address:
-        log(f"joining the Ray cluster at {address}")
-        ray.init(address=address, **kwargs)
-    else:
-        local_ray_auth()  # a local cluster runs without token auth: no warning about it on every start
-        # address="local": always a fresh in-process cluster, never a stale or foreign one that
-        # /tmp/ray/ray_current_cluster happens to name (ray.init() would try to attach to it).
-        ray.init(address="local", num_cpus=num_workers or os.cpu_count(), **kwargs)
+    try:
+        if address:
+            log(f"joining the Ray cluster at {address}")
+            ray.init(address=address, **kwargs)
+        else:
+            local_ray_auth()  # a local cluster runs without token auth: no warning about it on every start
+            # address="local": always a fresh in-process cluster, never a stale or foreign one that
+            # /tmp/ray/ray_current_cluster happens to name (ray.init() would try to attach to it).
+            ray.init(address="local", num_cpus=num_workers or os.cpu_count(), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray's start-up errors are generic; say what to do
+        if ray.is_initialized():
+            ray.shutdown()
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise BuildError(f"could not start {where} ({type(exc).__name__}: {exc}); on a busy machine retry when "
+                         "the load is lower, or run the stages in this process with --inline") from exc
     return True
 
 
