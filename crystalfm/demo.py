@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show every stage's own output and configs")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from crystalfm_common.console import quiet_third_party
+
+    quiet_third_party(args.verbose)  # the stage logs keep our lines, not MLflow's table creation
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     console = Console(work, args.verbose)
