@@ -72,7 +72,7 @@ def epoch_rates(data, encoder: dict, args) -> dict[bool, float]:
         config = FinetuneConfig.from_dict({"task": data.task.name, "encoder": "scratch", "encoder_config": encoder,
                                            "epochs": args.epochs, "batch_size": args.batch_size, "cache_views": cache})
         result = fit(config, data, load_backbone("scratch", "scratch", encoder_config=encoder), progress=False)
-        rates = [h["train_crystals_per_s"] for h in result.history]
+        rates = [h["throughput/crystals_per_s"] for h in result.history]
         out[cache] = sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]
     return out
 
@@ -209,8 +209,8 @@ def frozen_and_predict(data, encoder: dict, args) -> None:
         return fit(config, data, load_backbone(str(release), mode), progress=False)
 
     full, frozen = run("full"), run("frozen")
-    full_last = full.history[-1]["train_crystals_per_s"]
-    frozen_first, frozen_last = (frozen.history[i]["train_crystals_per_s"] for i in (0, -1))
+    full_last = full.history[-1]["throughput/crystals_per_s"]
+    frozen_first, frozen_last = (frozen.history[i]["throughput/crystals_per_s"] for i in (0, -1))
     print()
     print(f"| {encoder['name']} from a release, training epoch | crystals/s | vs full fine-tuning |")
     print("|---|---|---|")

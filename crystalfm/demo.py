@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from crystalfm_common.metrics import metric_name
+
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "crystals.csv.gz"
 DEMO_PDDFORMER = {"name": "pddformer", "width": 64, "num_layers": 2, "rbf_bins": 16, "pdd_k": 12,
                   "neighbor_rule": {"kind": "knn", "k": 8, "cutoff": 4.0}}
@@ -108,7 +110,7 @@ def pretrain(work: Path, shards: Path, name: str, objective: dict, steps: int) -
     ])
     config.objective = objective
     summary = train(config)
-    return Path(summary["checkpoint_dir"]), float(summary["metrics"].get("loss", float("nan")))
+    return Path(summary["checkpoint_dir"]), float(summary["metrics"].get(metric_name("train", "loss"), float("nan")))
 
 
 def release(checkpoints: Path, out: Path) -> Path:
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show every stage's own output and configs")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from crystalfm_common.console import quiet_third_party
+
+    quiet_third_party(args.verbose)  # the stage logs keep our lines, not MLflow's table creation
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     console = Console(work, args.verbose)

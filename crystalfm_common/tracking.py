@@ -61,3 +61,19 @@ def local_artifact_path(artifact_uri: str, tracking_uri: str) -> Path | None:
         f"artifact {artifact_uri} is not on this machine (nor under {folder / ARTIFACT_DIR if folder else 'the store'}); "
         "was the store copied without its mlartifacts/ folder?"
     )
+
+
+def ensure_experiment(client, name: str, tracking_uri: str, configured: str | None = None, tags: dict | None = None) -> str:
+    """The id of experiment `name`, created with its artifacts under `artifact_root(...)` when new, so
+    no run of it writes to MLflow's default `./mlruns` of the working directory. An experiment that
+    already exists keeps the location it was made with. Safe when another process creates it first."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(tracking_uri, configured), tags=tags)
+    except Exception:  # created concurrently (Ray workers, parallel sweeps)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id

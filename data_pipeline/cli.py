@@ -15,6 +15,7 @@ examples:
 
 Source kinds: cdvae_csv, mp_docs, gnome, mptrj, jarvis, structure_files (see data_pipeline/build/READERS.md).
 A rerun of an interrupted build resumes; a rerun of a finished one reports it and does nothing.
+A build that fails with an error removes what it created unless --keep-failed.
 """
 
 
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store each crystal's PDD rows with K neighbours in its sample (PDDFormer: 92)")
     b.add_argument("--force", action="store_true", help="replace a finished or unfinished build of another config in --out")
     b.add_argument("--keep-work", action="store_true", help="keep the intermediate work dir (_work/) after success")
+    b.add_argument("--keep-failed", action="store_true",
+                   help="after an error keep what the build created (_work/, partial shards) to resume or inspect; "
+                        "by default a failed build removes it (an interrupted one always keeps _work/)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--verbose", action="store_true", help="print the full config and the Ray workers' own output")
 
     i = commands.add_parser("inspect", help="summarise a shard set: manifest, a few records, histogram PNGs")
     i.add_argument("shards", help="shard directory (holding manifest.json)")
@@ -135,15 +140,19 @@ def check_sources(config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
+        from crystalfm_common.console import quiet_third_party
         from data_pipeline.build.stages import BuildError, build
         from data_pipeline.build.config import ConfigError
 
+        quiet_third_party(args.verbose)
         try:
             config = config_from_args(args)
             check_sources(config)  # before Ray starts: a typo fails in a second, not after start-up
-            build(config, progress=not args.no_progress)
+            progress = not args.no_progress and sys.stderr.isatty()  # bars on a terminal, not in job logs
+            build(config, progress=progress, verbose=args.verbose, keep_failed=args.keep_failed)
         except (BuildError, ConfigError) as exc:
-            print(f"crystalfm data build: error: {exc}", file=sys.stderr)
+            sys.stdout.flush()
+            print(f"\ncrystalfm data build: error: {exc}", file=sys.stderr)  # never glued onto a progress bar
             return 2
         return 0
     if args.command == "inspect":

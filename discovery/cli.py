@@ -59,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     rf = sub.add_parser("refine", help="generate → relax → keep V.U.N. → rank by D_C → fine-tune → generate")
     rf.add_argument("config", nargs="?", default=None, help="YAML with discovery.refine.RefineConfig fields")
     rf.add_argument("overrides", nargs="*", help="key=value overrides")
+    for command in (gen, ev, sc, rf):
+        command.add_argument("--verbose", action="store_true", help="show MLflow's, Ray's and DeepSpeed's own logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from crystalfm_common.console import quiet_third_party
+
+    quiet_third_party(args.verbose)
     try:
         return {"generate": _generate, "evaluate": _evaluate, "screen": _screen, "refine": _refine}[args.command](args)
     except (FileNotFoundError, ValueError, KeyError) as exc:

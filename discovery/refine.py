@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from crystalfm_common.tracking import ensure_experiment
 from discovery.relax import RelaxConfig
 
 
@@ -92,10 +93,11 @@ def refine(cfg: RefineConfig) -> dict:
     reference_index = ReferenceEmbeddings(reference, embed_records(jepa, reference))
 
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(cfg.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
-    try:
-        mlflow.set_experiment("crystalfm-refine")
-        history, generator_dir = _rounds(cfg, hull, novelty, elemental, jepa, reference_index, out)
+    uri = cfg.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    try:  # artifacts under the store's artifact root (mlartifacts/ beside a SQLite store), never ./mlruns
+        experiment_id = ensure_experiment(mlflow.MlflowClient(uri), "crystalfm-refine", uri)
+        history, generator_dir = _rounds(cfg, hull, novelty, elemental, jepa, reference_index, out, experiment_id)
     finally:
         mlflow.set_tracking_uri(previous_uri)  # set_tracking_uri is process-global: restore it
     summary = {"before": history[0], "after": history[-1], "rounds": history, "refined_generator": generator_dir}
@@ -103,7 +105,7 @@ def refine(cfg: RefineConfig) -> dict:
     return summary
 
 
-def _rounds(cfg: RefineConfig, hull, novelty, elemental, jepa, reference_index, out: Path):
+def _rounds(cfg: RefineConfig, hull, novelty, elemental, jepa, reference_index, out: Path, experiment_id: str | None = None):
     import mlflow
 
     from discovery.vsun import fractions, write_table
@@ -111,14 +113,17 @@ def _rounds(cfg: RefineConfig, hull, novelty, elemental, jepa, reference_index, 
     generator_dir, history = cfg.generator, []
     for round_ in range(cfg.rounds + 1):  # the last round only measures the refined generator
         round_dir = out / f"round{round_}"
-        with mlflow.start_run(run_name=f"round{round_}"):
+        with mlflow.start_run(run_name=f"round{round_}", experiment_id=experiment_id):
             mlflow.log_params({"n": cfg.n, "keep": cfg.keep, "ranker": "jepa_dc", "generator": generator_dir, "round": round_})
+            mlflow.log_artifact(str(out / "config.yaml"))  # the full refine config, beside the round's tables
             verdicts, rows, samples = run_round(cfg, generator_dir, round_, hull, novelty, elemental, jepa, reference_index, round_dir)
             write_table([v.row() for v in verdicts], round_dir / "vsun_table.csv")
             write_table([dataclasses.asdict(r) for r in rows], round_dir / "screen.csv")
             metrics = fractions(verdicts)
             kept = [r.key for r in rows if r.kept]
             mlflow.log_metrics({**metrics, "kept": len(kept), "vun": len(rows)})
+            for table in ("vsun_table.csv", "screen.csv"):  # the round's tables travel with the store
+                mlflow.log_artifact(str(round_dir / table))
             history.append({"round": round_, "generator": generator_dir, **metrics, "kept": len(kept), "vun": len(rows)})
             if round_ == cfg.rounds:
                 break

@@ -129,6 +129,9 @@ def _relax_with_ray(records, config, num_workers, progress):
     started = not ray.is_initialized()
     if started:
         # a fresh local Ray: never attach to a stale cluster file left by a killed run
+        from crystalfm_common.console import local_ray_auth
+
+        local_ray_auth()  # a local cluster: no token auth, and no warning about it
         ray.init(address="local", num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
     try:
         actor_cls = ray.remote(num_cpus=1)(_RelaxActor)

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from crystalfm_common.metrics import grouped, metric_name
 from finetune.config import BASELINE, FinetuneConfig
 from finetune.data import TaskData, load_task_data, write_split_files
 from finetune.tasks import get_task
-from finetune.tracking import Tracker, git_commit
+from finetune.tracking import Tracker, data_counts, git_commit, summary_metrics
 
 MAGPIE_HGB = "baseline:magpie-hgb"
 TRAIN_MEAN = "baseline:train-mean"
@@ -229,11 +230,10 @@ def _track(config: FinetuneConfig, task, data: TaskData, outcome: BaselineOutcom
     name = run_name(outcome.model, config)
     tracker.start(task.name, name, tags, resolved)
     try:
-        summary = {
-            "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test), "n_rejects": len(data.rejects),
-            **{f"best_val_{k}": v for k, v in outcome.val.items() if k != "count"},
-            **{f"test_{k}": v for k, v in outcome.test.items() if k != "count"},
-            **outcome.extra,
+        summary = {  # the fine-tune runs' names (crystalfm_common/metrics.py), so one table compares both
+            **grouped("run", data_counts(data)),
+            **summary_metrics(outcome.val, outcome.test),
+            **{metric_name("throughput" if k.endswith("_seconds") else "run", k): v for k, v in outcome.extra.items()},
         }
         tracker.log_metrics(summary)
         with tempfile.TemporaryDirectory(prefix="crystalfm-baseline-") as tmp:

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a train field for every run (YAML value), e.g. --set epochs=5")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    sweep.add_argument("--verbose", action="store_true", help="show MLflow's and Ray's own logs")
     _common(sweep)
 
     compare = sub.add_parser("compare", help="encoder × task × fraction table from MLflow")
@@ -266,6 +267,9 @@ COMMANDS = {"tasks": cmd_tasks, "export-split": cmd_export_split, "train": cmd_t
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from crystalfm_common.console import quiet_third_party
+
+    quiet_third_party(getattr(args, "verbose", False))  # MLflow's table creation, Ray's start-up lines
     try:
         return COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError) as error:

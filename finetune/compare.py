@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from crystalfm_common.metrics import split_metrics
 from finetune.tracking import EXPERIMENT_PREFIX, Tracker, experiment_name
 
 COLUMNS = ["task", "unit", "encoder", "encoder_name", "fraction", "n_seeds", "mae_mean", "mae_std", "rmse_mean",
@@ -52,7 +53,8 @@ def collect_runs(tracker: Tracker, tasks: list[str] | None = None):
             )
             for run in page:
                 tags, metrics = run.data.tags, run.data.metrics
-                if "test_mae" not in metrics or "task" not in tags:
+                metrics = {**{f"test_{k}": v for k, v in split_metrics(metrics, "test").items()}, **metrics}
+                if "test_mae" not in metrics or "task" not in tags:  # test/mae, or test_mae in stores before #17
                     continue
                 rows.append({
                     "run_id": run.info.run_id,

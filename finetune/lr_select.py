@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from crystalfm_common.metrics import metric_name
 from finetune.backbone import Backbone, load_backbone
 from finetune.config import FinetuneConfig
 from finetune.data import TaskData, load_task_data
 from finetune.train import FitResult, fit
+
+TRAIN_LOSS, VAL_MAE = metric_name("train", "loss"), metric_name("val", "mae")
 
 # Fields that do not change what a run learns (or only name where it writes): left out of the cell.
 _NOT_IN_CELL = ("seed", "lr", "encoder_lr", "out", "tracking_uri", "artifact_root", "register", "device", "num_workers", "data_root")
@@ -107,7 +110,8 @@ def run_grid(
         on_epoch = None
         if log is not None:
             def on_epoch(epoch, metrics, index=index):  # live curves per candidate, beside the run's own
-                log({f"lr_grid/{index}/{k}": v for k, v in metrics.items() if k in ("train_loss", "val_mae")}, epoch)
+                log({metric_name("lr_grid", f"{index}/{k}"): v for k, v in metrics.items()
+                     if k in (TRAIN_LOSS, VAL_MAE)}, epoch)
         result = fit(candidate_config(config, lr), data, backbone, on_epoch=on_epoch, progress=progress)
         mae = float(result.val.get("mae", math.nan))
         maes.append(mae if math.isfinite(mae) and not result.diverged else math.inf)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from crystalfm_common.metrics import grouped
 from data_pipeline.load.collate import BatchViews
 from finetune.backbone import rebuild_encoder
 from finetune.heads import PropertyHead, PropertyModel, TargetNormalizer
@@ -68,7 +69,7 @@ def save_model_dir(model: PropertyModel, out_dir: str | os.PathLike, meta: dict)
         f"# crystalfm fine-tuned model: {task['name']}\n\n"
         f"Predicts `{task['target']}` ({task['unit'] or 'dimensionless'}) from a crystal structure.\n\n"
         f"- encoder: {meta.get('encoder_label')} ({meta.get('mode')} fine-tuning), fraction {meta.get('fraction')}, seed {meta.get('seed')}\n"
-        f"- test metrics: {json.dumps(meta.get('metrics', {}).get('test', {}))}\n\n"
+        f"- metrics (as MLflow names them): {_card_metrics(meta.get('metrics', {}))}\n\n"
         f"Use: `crystalfm finetune predict {out_dir.name} STRUCTURE_FILES_OR_FOLDER`, or from Python:\n\n"
         f"```python\nimport crystalfm\nmodel = crystalfm.load('{out_dir.name}')  # or models:/crystalfm-{task['name']}@best\n"
         f"values = model.predict([structure, atoms, 'crystal.cif'])  # {task['unit'] or 'dimensionless'}\n```\n"
@@ -77,6 +78,13 @@ def save_model_dir(model: PropertyModel, out_dir: str | os.PathLike, meta: dict)
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _card_metrics(metrics: dict) -> str:
+    """`val/best_mae 0.1, test/mae 0.12, ...` (crystalfm_common/metrics.py names)."""
+    logged = metrics.get("logged") or {**grouped("val", metrics.get("val", {}), prefix="best_", skip=("count",)),
+                                       **grouped("test", metrics.get("test", {}), skip=("count",))}
+    return ", ".join(f"{k} {v:.4g}" for k, v in logged.items() if isinstance(v, (int, float))) or "none"
 
 
 def load_model(path: str | os.PathLike, map_location: str = "cpu") -> LoadedModel:

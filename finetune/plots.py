@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crystalfm_common.metrics import metric_name
 
 def _pyplot():
     import matplotlib
@@ -43,13 +44,14 @@ def learning_curve_plot(history: list[dict], path: str | Path, *, title: str, un
     plt = _pyplot()
     epochs = np.arange(1, len(history) + 1)
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss (MSE, normalised)", color="tab:blue")
+    train_loss, val_mae = metric_name("train", "loss"), metric_name("val", "mae")
+    ax.plot(epochs, [h[train_loss] for h in history], label="train loss (MSE, normalised)", color="tab:blue")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
     ax.set_yscale("log")
-    if any("val_mae" in h for h in history):
+    if any(val_mae in h for h in history):
         twin = ax.twinx()
-        twin.plot(epochs, [h.get("val_mae", np.nan) for h in history], label="val MAE", color="tab:orange")
+        twin.plot(epochs, [h.get(val_mae, np.nan) for h in history], label="val MAE", color="tab:orange")
         twin.set_ylabel(f"val MAE ({unit})" if unit else "val MAE")
         fig.legend(loc="upper right", fontsize=7)
     ax.set_title(title, fontsize=9)

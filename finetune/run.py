@@ -25,8 +25,9 @@ from finetune.model_dir import save_model_dir
 from finetune.plots import learning_curve_plot, parity_plot
 from finetune.tasks import get_task
 from finetune.train import FitResult, fit
+from crystalfm_common.metrics import grouped, metric_name
 from crystalfm_common.provenance import git_commit
-from finetune.tracking import Tracker
+from finetune.tracking import Tracker, data_counts, summary_metrics
 
 
 @dataclass
@@ -80,9 +81,10 @@ def run_finetune(
             result, selection = fit_with_lr_grid(config, data, backbone, log=log, progress=progress)
             if tracker is not None:
                 tracker.set_tags(selection.tags())
-                tracker.log_metrics({"lr_selected": selection.lr})
+                tracker.log_metrics({metric_name("run", "lr_selected"): selection.lr})
                 for index, mae in enumerate(selection.val_mae):
-                    tracker.log_metrics({"lr_candidate": selection.grid[index], "lr_candidate_val_mae": mae}, step=index)
+                    tracker.log_metrics({metric_name("run", "lr_candidate"): selection.grid[index],
+                                         metric_name("run", "lr_candidate_val_mae"): mae}, step=index)
                 if selection.source == "this run" and selection.seed == config.seed:
                     for epoch, metrics in enumerate(result.history, start=1):  # the winner's curve, as the run's
                         tracker.log_metrics(metrics, step=epoch)
@@ -101,15 +103,11 @@ def run_finetune(
                 save_model_dir(result.model, target, meta)
                 outcome.model_uri = str(target.resolve())
             if tracker is not None:
-                summary = {
-                    "best_epoch": result.best_epoch,
-                    "epochs_run": result.epochs_run,
-                    "diverged": float(result.diverged),
-                    "train_seconds": result.train_seconds,
-                    "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
-                    "n_rejects": len(data.rejects),
-                    **{f"best_val_{k}": v for k, v in result.val.items() if k != "count"},
-                    **{f"test_{k}": v for k, v in result.test.items() if k != "count"},
+                summary = {  # once per run (crystalfm_common/metrics.py); the card shows the val/ and test/ ones
+                    **grouped("run", {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                                      "diverged": float(result.diverged), **data_counts(data)}),
+                    metric_name("throughput", "train_seconds"): result.train_seconds,
+                    **summary_metrics(result.val, result.test),
                 }
                 tracker.log_metrics(summary, step=result.best_epoch)
                 for sub, directory in artifacts.items():
@@ -175,7 +173,7 @@ def _model_meta(config: FinetuneConfig, task, backbone: Backbone, result: FitRes
         "seed": config.seed,
         "data": data.summary(),
         "metrics": {"val": result.val, "test": result.test, "best_epoch": result.best_epoch,
-                    "epochs_run": result.epochs_run},
+                    "epochs_run": result.epochs_run, "logged": summary_metrics(result.val, result.test)},
         "git_commit": git_commit(),
     }
 

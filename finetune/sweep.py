@@ -206,8 +206,13 @@ def _run_ray(configs: list[dict], sweep: SweepConfig, progress: bool) -> list[Ru
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         address = os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
+            from crystalfm_common.console import local_ray_auth
+
+            local_ray_auth()  # a local cluster runs without token auth: no warning about it
         env = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in ("DS_ACCELERATOR", "CRYSTALFM_SHARED_DATA",
-                                                                          "MLFLOW_TRACKING_URI") if k in os.environ}}
+                                                                          "MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL")
+                                            if k in os.environ}}
         ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     try:
         return _dispatch(ray, configs, sweep, progress)

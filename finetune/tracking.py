@@ -18,13 +18,14 @@ import os
 import time
 from pathlib import Path
 
+from crystalfm_common.metrics import grouped, metric_name
 from crystalfm_common.provenance import git_commit
 from crystalfm_common.tracking import artifact_root, resolve_tracking_uri
 
 EXPERIMENT_PREFIX = "finetune/"
 MODEL_PREFIX = "crystalfm-"
 BEST_ALIAS = "best"
-SELECT_METRIC = "best_val_mae"
+SELECT_METRIC = metric_name("val", "best_mae")  # crystalfm_common/metrics.py
 TAGS = ("task", "target", "unit", "encoder", "encoder_name", "mode", "fraction", "seed")
 
 
@@ -34,6 +35,16 @@ def experiment_name(task: str) -> str:
 
 def registered_model_name(task: str) -> str:
     return f"{MODEL_PREFIX}{task}"
+
+
+def data_counts(data) -> dict[str, int]:
+    return {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test), "n_rejects": len(data.rejects)}
+
+
+def summary_metrics(val: dict, test: dict) -> dict[str, float]:
+    """The best epoch's validation numbers (val/best_mae, the registry's choice) and test/ ones,
+    as MLflow, model.json ("logged") and the model card name them."""
+    return {**grouped("val", val, prefix="best_", skip=("count",)), **grouped("test", test, skip=("count",))}
 
 
 class Tracker:
@@ -132,7 +143,7 @@ class Tracker:
             [experiment.experiment_id],
             # Only neural runs have a model directory to register (baseline runs have kind "baseline").
             filter_string="attributes.status = 'FINISHED' and tags.`crystalfm.kind` = 'finetune'",
-            order_by=[f"metrics.{SELECT_METRIC} ASC"],
+            order_by=[f"metrics.`{SELECT_METRIC}` ASC"],
             max_results=1,
         )
         if not runs or SELECT_METRIC not in runs[0].data.metrics:

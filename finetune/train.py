@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from crystalfm_common.metrics import grouped, metric_name
 from data_pipeline.load.collate import BatchViews, NeighborCache, collate, with_pdd
 from finetune.backbone import Backbone, views_for
 from finetune.config import FinetuneConfig
@@ -163,12 +164,12 @@ def fit(
         val_metrics = evaluate(model, val_batches, device)[0] if val_batches else {}
         # Without a validation split the best epoch is chosen on the training loss.
         score = val_metrics["mae"] if val_batches else train_loss
-        record = {
-            "train_loss": train_loss,
-            **{f"val_{k}": v for k, v in val_metrics.items() if k != "count"},
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": seconds,
-            "train_crystals_per_s": seen / max(seconds, 1e-9),
+        record = {  # the names MLflow shows (crystalfm_common/metrics.py)
+            metric_name("train", "loss"): train_loss,
+            metric_name("train", "lr"): optimizer.param_groups[0]["lr"],
+            **grouped("val", val_metrics, skip=("count",)),
+            metric_name("throughput", "epoch_seconds"): seconds,
+            metric_name("throughput", "crystals_per_s"): seen / max(seconds, 1e-9),
         }
         result.history.append(record)
         result.epochs_run = epoch

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an objective with DeepSpeed (single process or under a launcher)")
     train.add_argument("config", help="job YAML (see configs/pretrain_*.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    train.add_argument("--verbose", action="store_true",
+                       help="print the full config (always written to <run dir>/config.yaml and logged to MLflow) "
+                            "and DeepSpeed's / MLflow's own logs")
 
     show = sub.add_parser("config", help="print the resolved config (YAML + overrides) and exit")
     show.add_argument("config")
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--alias", default="current", help="MLflow model-registry alias to point at this version (MLflow reserves \"latest\")")
     release.add_argument("--no-register", action="store_true", help="do not register in the MLflow model registry")
     release.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run used)")
+    release.add_argument("--verbose", action="store_true", help="show DeepSpeed's ZeRO consolidation output")
 
     try:  # evaluation belongs to the objectives; absent until that module lands
         from pretrain.evaluate import add_evaluate_parser
@@ -48,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # DeepSpeed's launcher may append it
     args = build_parser().parse_args(argv)
+    from crystalfm_common.console import quiet_third_party
+
+    quiet_third_party(getattr(args, "verbose", False))
     if args.command in ("train", "config"):
         from pretrain.config import ConfigError, load_config
 
@@ -61,18 +68,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from pretrain.trainer import train
 
-        summary = train(config)
+        summary = train(config, verbose=args.verbose)
         return 0 if summary["status"] in ("finished", "preempted") else 1
     if args.command == "release":
         from pretrain.release import release_checkpoint
 
         try:
             out = release_checkpoint(args.checkpoint, args.out, register=not args.no_register,
-                                     registry_name=args.registry_name, alias=args.alias, tracking_uri=args.tracking_uri)
+                                     registry_name=args.registry_name, alias=args.alias, tracking_uri=args.tracking_uri,
+                                     verbose=args.verbose)
         except (FileNotFoundError, ValueError) as exc:
             print(f"crystalfm pretrain release: {exc}", file=sys.stderr)
             return 2
-        print(f"released {args.checkpoint} → {out}")
+        registered = "" if args.no_register else f"; MLflow model alias @{args.alias}"
+        print(f"crystalfm pretrain release: {args.checkpoint} → {out} (model card: {out / 'MODEL_CARD.md'}{registered})")
         return 0
     if args.command == "evaluate":
         try:

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from crystalfm_common.console import captured
+from crystalfm_common.metrics import group_of
+
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -173,7 +176,7 @@ def licence_of(source: str, kind: str | None = None) -> str:
     return "unknown: check the licence of this source before sharing the model"
 
 
-def consolidate_fp32(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def consolidate_fp32(step_dir: str | os.PathLike, verbose: bool = False) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a DeepSpeed checkpoint step folder (ZeRO stage 0 to 3)."""
     step_dir = Path(step_dir)
     # ZeRO 0-2 write mp_rank_00_model_states.pt; ZeRO-3 writes zero_pp_rank_R_mp_rank_00_model_states.pt.
@@ -186,8 +189,10 @@ def consolidate_fp32(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     if any(step_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # fp32 master weights gathered from every rank's ZeRO partition (also for bf16/fp16 runs).
-        state.update(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name))
+        # fp32 master weights gathered from every rank's ZeRO partition (also for bf16/fp16 runs);
+        # its dozen print()s per release are shown with verbose, or when it fails.
+        with captured(verbose):
+            state.update(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name))
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -232,7 +237,8 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
     else:
         lines += ["- sources: not recorded (no manifest found beside the run); check the data's licences"]
     lines += ["", "## Metrics (last logged training step)", ""]
-    shown = {k: v for k, v in sorted(metrics.items()) if k == "loss" or k.startswith(("train/", "val/"))}
+    # The names of metrics.jsonl and MLflow (crystalfm_common/metrics.py); rates and memory left out.
+    shown = {k: v for k, v in sorted(metrics.items()) if group_of(k) in ("train", "val")}
     lines += [f"- {k}: {v:.6g}" if isinstance(v, (int, float)) else f"- {k}: {v}" for k, v in shown.items()] or ["- none"]
     lines += ["", "## Intended use", "",
               "A pretrained crystal encoder to fine-tune property heads on (`crystalfm finetune`) and, for "
@@ -250,7 +256,7 @@ def model_card(meta: dict, manifest: dict | None, metrics: dict, registry: str |
 
 def release_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, register: bool = True,
                        registry_name: str | None = None, alias: str = "current",
-                       tracking_uri: str | None = None) -> Path:
+                       tracking_uri: str | None = None, verbose: bool = False) -> Path:
     """Consolidate a training checkpoint into a release directory (and register it in MLflow)."""
     from pretrain.checkpoint import resolve_step_dir
     from pretrain.objectives import build_objective
@@ -259,7 +265,7 @@ def release_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         raise ValueError("MLflow reserves the alias 'latest' (it always means the newest version): choose another, e.g. --alias current")
     step_dir = resolve_step_dir(checkpoint)
     meta = json.loads((step_dir / "meta.json").read_text())
-    state = consolidate_fp32(step_dir)
+    state = consolidate_fp32(step_dir, verbose=verbose)
     objective = build_objective(meta["objective"])
     objective.load_state_dict(state, strict=True)  # every weight accounted for, nothing extra
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from crystalfm_common.metrics import grouped, metric_name
 from crystalfm_common.provenance import git_commit
 from crystalfm_common.tracking import resolve_tracking_uri
 from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -67,8 +68,9 @@ class Trainer:
     """
 
     def __init__(self, config: JobConfig, *, objective: torch.nn.Module | None = None, loader=None,
-                 val_loader=None, log: Callable[[str], None] | None = None):
+                 val_loader=None, log: Callable[[str], None] | None = None, verbose: bool = False):
         self.config = config
+        self.verbose = verbose  # print the full config (it is always written to <run dir>/config.yaml)
         self.dist: DistInfo = init_distributed(config.train.backend)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.rank == 0
@@ -117,7 +119,11 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = self.config.to_yaml()
-        self._log(f"crystalfm pretrain: full config\n{text}")
+        if self.verbose:
+            self._log(f"crystalfm pretrain: full config\n{text}")
+        else:
+            self._log(f"crystalfm pretrain: {self.config.objective.get('name')} on {self.world_size} rank(s), "
+                      f"{self.config.train.max_steps} steps → {self.run_dir} (config.yaml there; --verbose prints it)")
         (self.run_dir / "config.yaml").write_text(text)
         info = {"git_commit": git_commit(), "world_size": self.world_size, "backend": self.dist.backend,
                 "device": str(self.device), "torch": torch.__version__, "argv": sys.argv,
@@ -268,14 +274,18 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
-        out = {
+        # Names: crystalfm_common/metrics.py (train/, val/, throughput/), the same in metrics.jsonl,
+        # MLflow and the model card. The objective's own "loss" is this rank's share: train/loss is global.
+        train = {
             "loss": sum(g["loss"] for g in gathered),  # local shares of the global mean add up
             "lr": float(self.lr_scheduler.get_last_lr()[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        }
+        throughput = {
             "crystals_per_s": stats.crystals / step_s if step_s > 0 else float("nan"),
             "atoms_per_s": stats.atoms / step_s if step_s > 0 else float("nan"),
-            "crystals": stats.crystals,
-            "atoms": stats.atoms,
+            "crystals_per_step": stats.crystals,
+            "atoms_per_step": stats.atoms,
             "budget_fill": stats.atoms / (self.world_size * self.config.train.grad_accum * self.config.data.atom_budget),
             "padding_fraction": float(np.nanmean([g["padding"] for g in gathered]))
             if any(g["padding"] == g["padding"] for g in gathered) else float("nan"),
@@ -283,13 +293,12 @@ class Trainer:
             "compute_s": max(g["compute_s"] for g in gathered),
             "data_wait_frac": data_s / step_s if step_s > 0 else float("nan"),
             "mem_gb_max_rank": max(g["mem_gb"] for g in gathered),
+            **{f"mem_gb_rank{r}": g["mem_gb"] for r, g in enumerate(gathered)},
         }
-        for r, g in enumerate(gathered):
-            out[f"mem_gb_rank{r}"] = g["mem_gb"]
-        keys = sorted({k for g in gathered for k in g} - set(local) | set(stats.metrics))
+        keys = sorted(({k for g in gathered for k in g} - set(local) | set(stats.metrics)) - set(train))
         for key in keys:
-            values = [g[key] for g in gathered if key in g]
-            out[f"train/{key}"] = float(np.mean(values))
+            train[key] = float(np.mean([g[key] for g in gathered if key in g]))
+        out = {**grouped("train", train), **grouped("throughput", throughput)}
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -312,7 +321,7 @@ class Trainer:
                 total += torch.tensor([float(loss), 1.0], dtype=torch.float64, device=self.device)
         self.engine.train()
         dist.all_reduce(total)
-        return {"val/loss": float(total[0] / total[1])} if total[1] > 0 else {}
+        return {metric_name("val", "loss"): float(total[0] / total[1])} if total[1] > 0 else {}
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -398,7 +407,8 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=self.step)
         if bar is not None:
             bar.n = self.step
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", atoms_s=f"{metrics['atoms_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{metrics[metric_name('train', 'loss')]:.4g}",
+                            atoms_s=f"{metrics[metric_name('throughput', 'atoms_per_s')]:.0f}", refresh=False)
             bar.refresh()
         else:  # clusters: structured JSON lines on stdout
             print(line, flush=True)
@@ -425,7 +435,7 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda v: getattr(v, "__dict__", str(v))))
 
 
-def train(config: JobConfig) -> dict[str, Any]:
+def train(config: JobConfig, verbose: bool = False) -> dict[str, Any]:
     """Build a trainer from config and train it (the body of `crystalfm pretrain train`)."""
-    trainer = Trainer(config)
+    trainer = Trainer(config, verbose=verbose)
     return trainer.fit()

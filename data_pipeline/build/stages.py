@@ -132,18 +132,32 @@ class BuildState:
 
 
 # ---------------------------------------------------------------------------- entry point
-def build(config: BuildConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> BuildResult:
-    """Build (or resume, or recognise) the shard set described by `config` in `config.out`."""
+def build(config: BuildConfig, *, progress: bool = True, log: Callable[[str], None] | None = None,
+          verbose: bool = False, keep_failed: bool = False) -> BuildResult:
+    """Build (or resume, or recognise) the shard set described by `config` in `config.out`.
+
+    verbose: print the full config (it is always in the manifest, `build_config`) and let Ray's
+    workers print to this terminal. A build that fails with an error removes what this call
+    created (`OUT/_work/`, partial shards, `OUT` itself when it made it) unless `keep_failed`;
+    an interrupted one (Ctrl-C, a killed job) keeps `_work/` so a rerun resumes, and a failed
+    resume keeps the `_work/` it started from."""
     log = log or (lambda msg: print(msg, flush=True))
     if not config.sources:
         raise BuildError("no sources: give a config file with `sources:`, or --source KIND:PATH, or --sample")
     out = Path(config.out)
-    log("crystalfm data build, config:\n" + _indent(config.to_yaml()))
-    finished = prepare_output(config, out, log)
-    if finished is not None:
-        return finished
-    started_ray = config.executor == "ray" and connect_ray(config.ray_address, config.num_workers, log)
+    if verbose:
+        log("crystalfm data build, config:\n" + _indent(config.to_yaml()))
+    else:
+        names = ", ".join(f"{s.name} ({s.kind})" for s in config.sources)
+        log(f"crystalfm data build: {len(config.sources)} source(s) [{names}] → {out} "
+            "(full config in manifest.json; --verbose prints it)")
+    created = _Created.snapshot(out)
+    started_ray = False
     try:
+        finished = prepare_output(config, out, log)
+        if finished is not None:
+            return finished
+        started_ray = config.executor == "ray" and connect_ray(config.ray_address, config.num_workers, log, verbose)
         state = _new_state(config, out)
         state.executor = RayExecutor(config.num_workers) if config.executor == "ray" else InlineExecutor()
         parse_stage(state, progress, log)
@@ -151,12 +165,54 @@ def build(config: BuildConfig, *, progress: bool = True, log: Callable[[str], No
         split_stage(state)
         shard_infos = write_stage(state, progress, log)
         manifest = finish(state, shard_infos, log)
+    except Exception:
+        if not keep_failed:
+            removed = created.remove_new(out)
+            if removed:
+                log(f"build failed: removed what it had created ({removed}); --keep-failed keeps it")
+        if (keep_failed or created.work_existed) and (out / WORK_DIR).exists():
+            why = "--keep-failed" if keep_failed else "it was there before this run"
+            log(f"build failed: kept {out / WORK_DIR} ({why}); a rerun with the same config resumes from it, "
+                "--force discards it")
+        raise
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
     return BuildResult(out=out, manifest=manifest)
+
+
+@dataclass
+class _Created:
+    """What was in OUT before a build started, so a failed build removes only what it made."""
+
+    out_existed: bool
+    work_existed: bool
+    entries: frozenset
+
+    @classmethod
+    def snapshot(cls, out: Path) -> "_Created":
+        exists = out.is_dir()
+        return cls(exists, (out / WORK_DIR).exists(), frozenset(p.name for p in out.iterdir()) if exists else frozenset())
+
+    def remove_new(self, out: Path) -> str:
+        """Remove this build's files; returns a short account ('' when nothing was removed)."""
+        if self.work_existed or not out.is_dir():  # a failed resume: the earlier work stays resumable
+            return ""
+        new = [p for p in out.iterdir() if p.name not in self.entries]
+        for path in new:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        files = sum(1 for p in new if p.name != WORK_DIR)
+        what = " and ".join(([f"{out / WORK_DIR}/"] if any(p.name == WORK_DIR for p in new) else [])
+                            + ([f"{files} partial file(s) in {out}"] if files else []))
+        if not self.out_existed and not any(out.iterdir()):
+            out.rmdir()
+            what = f"{out}/ with {what}" if what else f"{out}/"
+        return what
 
 
 def _indent(text: str) -> str:
@@ -231,20 +287,31 @@ def _remove_outputs(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- executors
-def connect_ray(address: str | None, num_workers: int | None, log) -> bool:
-    """Start local Ray in-process, or join a cluster; returns True when this call started Ray."""
+def connect_ray(address: str | None, num_workers: int | None, log, verbose: bool = True) -> bool:
+    """Start local Ray in-process, or join a cluster; returns True when this call started Ray.
+    Not verbose: workers' prints stay in Ray's session logs (errors still reach this process)."""
     import ray
+
+    from crystalfm_common.console import local_ray_auth
 
     if ray.is_initialized():
         return False
-    kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
-    if address:
-        log(f"joining the Ray cluster at {address}")
-        ray.init(address=address, **kwargs)
-    else:
-        # address="local": always a fresh in-process cluster, never a stale or foreign one that
-        # /tmp/ray/ray_current_cluster happens to name (ray.init() would try to attach to it).
-        ray.init(address="local", num_cpus=num_workers or os.cpu_count(), **kwargs)
+    kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True, log_to_driver=verbose)
+    try:
+        if address:
+            log(f"joining the Ray cluster at {address}")
+            ray.init(address=address, **kwargs)
+        else:
+            local_ray_auth()  # a local cluster runs without token auth: no warning about it on every start
+            # address="local": always a fresh in-process cluster, never a stale or foreign one that
+            # /tmp/ray/ray_current_cluster happens to name (ray.init() would try to attach to it).
+            ray.init(address="local", num_cpus=num_workers or os.cpu_count(), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray's start-up errors are generic; say what to do
+        if ray.is_initialized():
+            ray.shutdown()
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise BuildError(f"could not start {where} ({type(exc).__name__}: {exc}); on a busy machine retry when "
+                         "the load is lower, or run the stages in this process with --inline") from exc
     return True
 
 

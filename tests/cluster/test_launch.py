@@ -263,7 +263,7 @@ def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
     run_dir = tmp / "runs" / "slurm_vae"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["loss"] for r in records)  # finite
+    assert all(r["train/loss"] == r["train/loss"] for r in records)  # finite
     assert json.loads((run_dir / "run_info.json").read_text())["world_size"] == 2
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     # Structured JSON lines on the job's output (not a TTY), one per step.

@@ -21,13 +21,16 @@ def test_build_from_flags_then_rerun_reports_existing(shared_data, tmp_path, cap
             "--splits", "train=0.5,val=0.25,test=0.25", "--shard-bytes", "64KB", "--seed", "7"]
     assert crystalfm_main(args) == 0
     out = capsys.readouterr().out
-    assert "crystalfm data build, config:" in out and "seed: 7" in out and "shard_bytes: 65536" in out
+    assert "crystalfm data build: 1 source(s) [bad (mptrj)]" in out and "seed: 7" not in out  # quiet: no config
+    assert len(out.splitlines()) == 2, out  # what it does, then the summary
     assert "records in 18 = written 17 + rejects 1 + duplicates 0 + excluded 0" in out
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
     assert '"reason": "label_shape: forces shape' in rejects and "force_shape.json" in rejects
 
-    assert crystalfm_main(args) == 0
-    assert "already holds a finished build of this config" in capsys.readouterr().out
+    assert crystalfm_main(args + ["--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "crystalfm data build, config:" in out and "seed: 7" in out and "shard_bytes: 65536" in out
+    assert "already holds a finished build of this config" in out
     assert crystalfm_main(args[:-1] + ["8"]) == 2
     assert "different config" in capsys.readouterr().err
 
@@ -65,3 +68,39 @@ def test_bad_source_fails_before_ray_and_leaves_nothing(source, tmp_path, capsys
     err = capsys.readouterr().err
     assert source.split(":")[0] in err and ("unknown kind" in err or "does not exist" in err)
     assert not (tmp_path / "out").exists()
+
+
+def _failing_dedup(*args, **kwargs):
+    raise RuntimeError("forced failure after the parse stage")
+
+
+@pytest.mark.slow
+def test_failed_build_removes_what_it_created_unless_keep_failed(shared_data, tmp_path, monkeypatch, capsys):
+    """A build that fails after Ray started and chunks were parsed leaves no OUT/_work/ nor OUT;
+    --keep-failed keeps _work/, and a rerun resumes from it (#17)."""
+    from data_pipeline.build import stages
+
+    source = f"mptrj:{shared_data / 'derived_layouts' / 'mptrj' / 'bad' / 'force_shape.json'}:bad"
+    out = tmp_path / "out"
+    args = ["build", "--source", source, "--out", str(out), "--no-progress", "--splits", "train=0.5,val=0.5"]
+    monkeypatch.setattr(stages, "dedup_stage", _failing_dedup)
+    with pytest.raises(RuntimeError, match="forced failure"):
+        main(args + ["--num-workers", "1"])  # real in-process Ray
+    assert not out.exists()
+    assert "removed what it had created" in capsys.readouterr().out
+
+    out.mkdir()  # an OUT the user made is kept, emptied of what the build added
+    with pytest.raises(RuntimeError, match="forced failure"):
+        main(args + ["--inline"])
+    assert out.is_dir() and not any(out.iterdir())
+
+    with pytest.raises(RuntimeError, match="forced failure"):
+        main(args + ["--inline", "--keep-failed"])
+    assert any((out / "_work" / "chunks").iterdir())
+    assert "kept" in capsys.readouterr().out
+
+    monkeypatch.undo()
+    assert main(args + ["--inline"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming the unfinished build" in printed and (out / "manifest.json").exists()
+    assert not (out / "_work").exists()

@@ -148,6 +148,17 @@ def _write_rows(path, header, rows):
         writer.writerows(rows)
 
 
+def _small_csvs(shared_data, tmp_path) -> None:
+    """samples.csv and test.csv: 8 crystals each, the smallest cells of MP-20's validation file."""
+    with gzip.open(shared_data / "mp_20" / "val.csv.gz", "rt") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        rows = [next(reader) for _ in range(300)]
+    rows.sort(key=lambda r: (len(r[header.index("cif")]), r[header.index("material_id")]))
+    _write_rows(tmp_path / "samples.csv", header, rows[:8])
+    _write_rows(tmp_path / "test.csv", header, rows[8:16])
+
+
 @pytest.mark.slow
 def test_evaluate_command_prints_one_table_logs_to_mlflow_and_plots(shared_data, tmp_path, capsys):
     """`discovery evaluate --no-vsun` on two small real CSVs (the smallest cells of the validation file)."""
@@ -157,13 +168,7 @@ def test_evaluate_command_prints_one_table_logs_to_mlflow_and_plots(shared_data,
 
     from discovery.cli import main
 
-    with gzip.open(shared_data / "mp_20" / "val.csv.gz", "rt") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        rows = [next(reader) for _ in range(300)]
-    rows.sort(key=lambda r: (len(r[header.index("cif")]), r[header.index("material_id")]))
-    _write_rows(tmp_path / "samples.csv", header, rows[:8])
-    _write_rows(tmp_path / "test.csv", header, rows[8:16])
+    _small_csvs(shared_data, tmp_path)
     out = tmp_path / "eval"
     code = main(["evaluate", str(tmp_path / "samples.csv"), str(tmp_path / "samples.csv"), "--test-set",
                  str(tmp_path / "test.csv"), "--no-vsun", "--out", str(out)])
@@ -179,3 +184,39 @@ def test_evaluate_command_prints_one_table_logs_to_mlflow_and_plots(shared_data,
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.metrics["cov_recall"] == pytest.approx(runs[0]["cov_recall"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"evaluation.md", "density_num_elements.png"}
+
+
+@pytest.mark.slow
+def test_evaluate_artifacts_live_in_the_store_and_move_with_it(shared_data, tmp_path, monkeypatch):
+    """Discovery runs keep their artifacts under the store's mlartifacts/ (#17, item 4), never in
+    MLflow's ./mlruns of the working directory: move the store folder, read the artifact there."""
+    import shutil
+
+    import mlflow
+
+    from crystalfm_common.tracking import local_artifact_path
+    from discovery.cli import main
+
+    _small_csvs(shared_data, tmp_path)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "project" / "store"
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    assert main(["evaluate", str(tmp_path / "samples.csv"), "--test-set", str(tmp_path / "test.csv"), "--no-vsun",
+                 "--out", str(tmp_path / "eval"), "--tracking-uri", uri]) == 0
+    assert list(elsewhere.iterdir()) == []
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("crystalfm-discovery-evaluate").experiment_id])
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    expected = (tmp_path / "eval" / "evaluation.md").read_text()
+
+    moved = tmp_path / "moved" / "store"
+    moved.parent.mkdir()
+    shutil.move(store, moved)
+    shutil.rmtree(tmp_path / "eval")  # the command's own --out copy is gone too: only the store remains
+    moved_uri = f"sqlite:///{moved / 'mlflow.db'}"
+    run = mlflow.MlflowClient(tracking_uri=moved_uri).get_run(run.info.run_id)
+    folder = local_artifact_path(run.info.artifact_uri, moved_uri)
+    assert folder.is_relative_to(moved / "mlartifacts")
+    assert (folder / "evaluation.md").read_text() == expected

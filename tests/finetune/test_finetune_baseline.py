@@ -40,8 +40,8 @@ def test_baseline_is_tracked_uses_the_neural_subset_and_is_compared(shared_data,
     assert tags["mode"] == "baseline" and tags["fraction"] == "0.05" and tags["crystalfm.kind"] == "baseline"
     assert tags["task"] == TASK and tags["unit"] == "eV/atom"
     metrics = hgb.data.metrics
-    assert {"test_mae", "test_rmse", "test_r2", "best_val_mae", "n_iter"} <= set(metrics)
-    assert metrics["n_train"] == math.ceil(0.05 * 1847) and metrics["n_test"] == 40
+    assert {"test/mae", "test/rmse", "test/r2", "val/best_mae", "run/n_iter"} <= set(metrics)
+    assert metrics["run/n_train"] == math.ceil(0.05 * 1847) and metrics["run/n_test"] == 40
     assert hgb.data.params["hgb.random_state"] == "1" and hgb.data.params["features.preset"] == "magpie"
 
     # the training subset is the neural run's, id for id; another seed draws another one
@@ -56,7 +56,7 @@ def test_baseline_is_tracked_uses_the_neural_subset_and_is_compared(shared_data,
     rows = list(csv.DictReader(open(_artifact(tracker, hgb.info.run_id, "data/test_predictions.csv"))))
     assert len(rows) == 40
     err = [abs(float(r["formation_energy_per_atom_pred"]) - float(r["formation_energy_per_atom_true"])) for r in rows]
-    assert np.mean(err) == pytest.approx(metrics["test_mae"])
+    assert np.mean(err) == pytest.approx(metrics["test/mae"])
     assert open(_artifact(tracker, hgb.info.run_id, "plots/parity_test.png"), "rb").read(4) == b"\x89PNG"
     mean_run = by_cell[("baseline:train-mean", "1")]
     preds = {r["formation_energy_per_atom_pred"] for r in csv.DictReader(open(_artifact(tracker, mean_run.info.run_id,

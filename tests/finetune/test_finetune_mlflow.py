@@ -32,9 +32,22 @@ def test_run_is_tagged_logged_and_registered(tmp_path, release_dir, mp20_task_da
     assert tags["fraction"] == "0.5" and tags["seed"] == "7"
     assert tags["pretrain_run_id"] == "pretrain-run-0123"  # linked to the pretraining run
     assert tags["unit"] == "eV/atom" and len(tags["crystalfm.git_commit"]) >= 7
-    history = tracker.client.get_metric_history(outcome.run_id, "val_mae")
+    history = tracker.client.get_metric_history(outcome.run_id, "val/mae")
     assert [m.step for m in history] == [1, 2]  # one point per epoch
-    assert run.data.metrics["test_mae"] == pytest.approx(outcome.result.test["mae"])
+    assert run.data.metrics["test/mae"] == pytest.approx(outcome.result.test["mae"])
+    # One name per series, grouped as MLflow's UI groups charts; the per-epoch names are the history's (#17).
+    from crystalfm_common.metrics import group_of
+
+    keys = set(run.data.metrics)
+    assert all(group_of(k) in ("train", "val", "test", "throughput", "run") for k in keys), sorted(keys)
+    per_epoch = {k for record in outcome.result.history for k in record}
+    assert per_epoch <= keys and {"train/loss", "val/mae", "throughput/crystals_per_s"} <= per_epoch
+    assert keys - per_epoch == set(outcome.meta["metrics"]["logged"]) | {
+        "run/best_epoch", "run/epochs_run", "run/diverged", "run/n_train", "run/n_val", "run/n_test", "run/n_rejects",
+        "throughput/train_seconds"}
+    assert "val/best_mae" in outcome.meta["metrics"]["logged"]
+    card = (out / "mlartifacts" / outcome.run_id / "artifacts" / "model" / "README.md").read_text()
+    assert f"test/mae {outcome.result.test['mae']:.4g}" in card
     assert run.data.params["lr"] == str(config.lr)
     artifacts = {a.path for a in tracker.client.list_artifacts(outcome.run_id)}
     assert artifacts == {"model", "plots", "config", "data"}
@@ -66,7 +79,7 @@ def _fake_study(tracker: Tracker, task: str, results: dict) -> None:
                 "task": task, "unit": "eV", "encoder": encoder, "encoder_name": "pddformer", "mode": mode,
                 "fraction": f"{fraction:g}", "seed": seed,
             }, {"seed": seed})
-            tracker.log_metrics({"test_mae": mae, "test_rmse": 1.5 * mae, "test_r2": 0.5, "best_val_mae": mae})
+            tracker.log_metrics({"test/mae": mae, "test/rmse": 1.5 * mae, "test/r2": 0.5, "val/best_mae": mae})
             tracker.finish()
 
 

@@ -104,6 +104,6 @@ def test_view_cache_trains_exactly_like_per_batch_collation(mp20_task_data):
     # Equal to float32 rounding: since the third session's merges the two paths differ by ~2e-8
     # relative in the second epoch's loss (summation order; not yet bisected), far below any
     # difference a wrong cache would make.
-    assert [h["train_loss"] for h in cached.history] == pytest.approx([h["train_loss"] for h in per_batch.history], rel=1e-6)
-    assert [h["val_mae"] for h in cached.history] == pytest.approx([h["val_mae"] for h in per_batch.history], rel=1e-6)
+    assert [h["train/loss"] for h in cached.history] == pytest.approx([h["train/loss"] for h in per_batch.history], rel=1e-6)
+    assert [h["val/mae"] for h in cached.history] == pytest.approx([h["val/mae"] for h in per_batch.history], rel=1e-6)
     np.testing.assert_allclose(cached.test_predictions.y_pred, per_batch.test_predictions.y_pred, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ def test_early_stopping_stops_when_validation_stops_improving(tiny_encoder, tmp_
                  progress=False)
     assert result.best_epoch == 1 and result.epochs_run == 4 and len(result.history) == 4
     assert not result.diverged
-    assert len({round(h["val_mae"], 9) for h in result.history}) == 1
+    assert len({round(h["val/mae"], 9) for h in result.history}) == 1
 
 
 def test_protocol_defaults_train_to_convergence():
@@ -55,15 +55,15 @@ def test_lr_grid_picks_the_best_validation_mae_and_records_it(tiny_encoder, tmp_
     assert json.loads(tags["lr_grid"]) == grid
     val_mae = json.loads(tags["lr_grid_val_mae"])
     assert val_mae["0.003"] is not None and (val_mae["10000"] is None or val_mae["10000"] > val_mae["0.003"])
-    assert run.data.metrics["lr_selected"] == pytest.approx(3e-3)
-    candidates = tracker.client.get_metric_history(first.run_id, "lr_candidate")
+    assert run.data.metrics["run/lr_selected"] == pytest.approx(3e-3)
+    candidates = tracker.client.get_metric_history(first.run_id, "run/lr_candidate")
     assert sorted((m.step, m.value) for m in candidates) == [(0, 1e4), (1, 3e-3)]
-    maes = {m.step: m.value for m in tracker.client.get_metric_history(first.run_id, "lr_candidate_val_mae")}
+    maes = {m.step: m.value for m in tracker.client.get_metric_history(first.run_id, "run/lr_candidate_val_mae")}
     assert maes[1] == pytest.approx(val_mae["0.003"])  # a diverged candidate has no finite value to log
-    assert tracker.client.get_metric_history(first.run_id, "lr_grid/1/val_mae")  # each candidate's curve
-    assert len(tracker.client.get_metric_history(first.run_id, "val_mae")) == first.result.epochs_run
+    assert tracker.client.get_metric_history(first.run_id, "lr_grid/1/val/mae")  # each candidate's curve
+    assert len(tracker.client.get_metric_history(first.run_id, "val/mae")) == first.result.epochs_run
     # the winner's fit is the run: its best validation MAE is the one recorded for 3e-3
-    assert run.data.metrics["best_val_mae"] == pytest.approx(val_mae["0.003"])
+    assert run.data.metrics["val/best_mae"] == pytest.approx(val_mae["0.003"])
     meta = json.loads(open(tracker.client.download_artifacts(first.run_id, "model/model.json")).read())
     assert meta["lr_selection"]["lr"] == 3e-3 and meta["lr_selection"]["grid"] == grid
     shared = json.loads(selection_path(config, TASK).read_text())
@@ -73,8 +73,8 @@ def test_lr_grid_picks_the_best_validation_mae_and_records_it(tiny_encoder, tmp_
     second = run_finetune(config.replace(seed=1), data=mp20_task_data, progress=False, verbose=False)
     tags2 = tracker.client.get_run(second.run_id).data.tags
     assert tags2["lr_selected"] == "0.003" and tags2["lr_selection_source"] == str(selection_path(config, TASK))
-    assert not tracker.client.get_metric_history(second.run_id, "lr_grid/0/val_mae")
-    assert len(tracker.client.get_metric_history(second.run_id, "val_mae")) == second.result.epochs_run
+    assert not tracker.client.get_metric_history(second.run_id, "lr_grid/0/val/mae")
+    assert len(tracker.client.get_metric_history(second.run_id, "val/mae")) == second.result.epochs_run
 
 
 def test_choose_ignores_diverged_candidates_and_breaks_ties_to_the_first():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,8 +76,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record["step"] in out:
-            assert out[record["step"]] == record["loss"], f"step {record['step']} rerun after resume differs"
-        out[record["step"]] = record["loss"]
+            assert out[record["step"]] == record["train/loss"], f"step {record['step']} rerun after resume differs"
+        out[record["step"]] = record["train/loss"]
     return out
 
 
@@ -173,11 +174,21 @@ def test_mlflow_run_is_continued_and_names_its_data(runs):
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     run_id = (tmp / "runs/res/mlflow_run_id").read_text().strip()
     run = client.get_run(run_id)
-    history = client.get_metric_history(run_id, "loss")
+    history = client.get_metric_history(run_id, "train/loss")
     assert sorted({m.step for m in history}) == list(range(1, 9))  # three processes, one MLflow run
     assert run.data.params["train.zero_stage"] == "2"
-    for key in ("crystals_per_s", "atoms_per_s", "data_wait_frac", "grad_norm", "mem_gb_max_rank", "train/mean_energy"):
-        assert key in run.data.metrics, key  # MLflow names keep metrics.jsonl's train/ and val/ groups
+    for key in ("throughput/crystals_per_s", "throughput/atoms_per_s", "throughput/data_wait_frac", "train/grad_norm",
+                "throughput/mem_gb_max_rank", "train/mean_energy"):
+        assert key in run.data.metrics, key
+    # One name per series, grouped as MLflow's UI groups charts, the same in metrics.jsonl (#17).
+    from crystalfm_common.metrics import GROUPS, group_of
+
+    assert all(group_of(k) in ("train", "val", "throughput") for k in run.data.metrics), sorted(run.data.metrics)
+    records = [json.loads(line) for line in (tmp / "runs/res/metrics.jsonl").read_text().splitlines()]
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731  (MLflow keeps finite values)
+    jsonl_keys = {k for r in records for k, v in r.items() if finite(v)} - {"step", "epoch", "time"}
+    assert set(run.data.metrics) == jsonl_keys
+    assert "train/loss" in jsonl_keys and "loss" not in jsonl_keys and set(GROUPS) >= {k.split("/")[0] for k in jsonl_keys}
     digest = hashlib.sha256((tmp / "shards/manifest.json").read_bytes()).hexdigest()
     assert run.data.tags["data.manifest_sha256"] == digest
     inputs = run.inputs.dataset_inputs
