@@ -43,30 +43,52 @@ def test_dry_run_renders_a_four_node_pretrain_script(tmp_path):
                  env={"CRYSTALFM_CPU_RANKS": "0"})
     assert out.returncode == 0, out.stderr
     script = out.stdout
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --time=02:00:00",
-                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@"):
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --exclusive", "#SBATCH --partition=gpu", "#SBATCH --account=proj42",
+                 "#SBATCH --time=02:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@180"):
         assert line in script, line
-    assert "srun --nodes=\"$NNODES\" --ntasks-per-node=1" in script  # one launcher per node
-    assert '--node_rank="$SLURM_NODEID"' in script and '--master_addr="$MASTER_ADDR"' in script
-    assert "--module pretrain train" in script and f"{config} train.zero_stage=3" in script
+    # srun starts the ranks themselves: one task per GPU, each with its CPUs; no launcher in between.
+    assert 'srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK"' in script
+    assert "deepspeed.launcher" not in script and "STEP_STOP=step-signal" in script
+    assert f"-m pretrain train {config} train.zero_stage=3" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    # The world the launchers agree on: 4 nodes x 8 ranks, node i → ranks 8i..8i+7.
-    world = _world_info(script, {"SLURM_JOB_NUM_NODES": "4"})
-    assert world == {f"node{i}": list(range(8)) for i in range(4)}
+    # CPUs per rank: an even share of the exclusive node, or --cpus-per-task; OMP threads follow.
+    assert _cpus(script, {"SLURM_CPUS_ON_NODE": "96"}) == ("12", "12")
+    assert _cpus(script, {"SLURM_CPUS_ON_NODE": "96", "SLURM_CPUS_PER_TASK": "6"}) == ("6", "6")
+    assert _cpus(script, {"SLURM_CPUS_ON_NODE": "4"}) == ("1", "1")
     common = (ROOT / "cluster/templates/common.sh").read_text()
     assert "scontrol show hostnames" in common and "head -n 1" in common  # first host is master
-    assert "scontrol requeue" in common and "env | sort" in common
+    assert "scontrol requeue" in common and "env | sort" in common and "scancel --signal=USR1" in common
 
 
-def _world_info(script: str, env: dict) -> dict:
-    import base64
-
-    line = next(l for l in script.splitlines() if l.startswith("export WORLD_INFO="))
-    prelude = "\n".join(l for l in script.splitlines() if l.startswith(("GPUS_PER_NODE=", "NNODES=", "PYTHON=")))
-    out = subprocess.run(["bash", "-c", f"{prelude}\n{line}\necho $WORLD_INFO"], env={**os.environ, **env},
+def _cpus(script: str, env: dict) -> tuple[str, str]:
+    """CPUS_PER_TASK and OMP_NUM_THREADS as the rendered script computes them under `env`."""
+    lines = script.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("GPUS_PER_NODE="))
+    end = next(i for i, l in enumerate(lines) if l.startswith("export OMP_NUM_THREADS="))
+    body = "\n".join(lines[start:end + 1])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CRYSTALFM_"))}
+    out = subprocess.run(["bash", "-c", f"{body}\necho $CPUS_PER_TASK $OMP_NUM_THREADS"], env={**clean, **env},
                          capture_output=True, text=True)
-    return json.loads(base64.urlsafe_b64decode(out.stdout.strip()))
+    return tuple(out.stdout.split())
+
+
+def test_dry_run_pretrain_cpu_options(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("{}\n")
+    given = launch("pretrain", str(config), "--gpus-per-node", "4", "--cpus-per-task", "10", "--grace", "600",
+                   "--dry-run", env={"CRYSTALFM_CPU_RANKS": "0"})
+    assert given.returncode == 0, given.stderr
+    assert "#SBATCH --cpus-per-task=10" in given.stdout and "#SBATCH --signal=B:USR1@600" in given.stdout
+    shared = launch("pretrain", str(config), "--shared", "--cpus-per-task", "10", "--dry-run")
+    assert shared.returncode == 0 and "#SBATCH --exclusive" not in shared.stdout
+    env_shared = launch("pretrain", str(config), "--dry-run", env={"CRYSTALFM_EXCLUSIVE": "0",
+                                                                   "CRYSTALFM_CPUS_PER_TASK": "3"})
+    assert "#SBATCH --exclusive" not in env_shared.stdout and "#SBATCH --cpus-per-task=3" in env_shared.stdout
+    no_cpus = launch("pretrain", str(config), "--shared", "--dry-run")
+    assert no_cpus.returncode == 2 and "--cpus-per-task" in no_cpus.stderr
+    bad = launch("pretrain", str(config), "--cpus-per-task", "lots", "--dry-run")
+    assert bad.returncode == 2 and "--cpus-per-task" in bad.stderr
 
 
 def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
@@ -76,7 +98,8 @@ def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
     assert out.returncode == 0, out.stderr
     script = out.stdout
     assert "#SBATCH --nodes=4" in script and "--gpus-per-node" not in script
-    assert 'start --head --node-ip-address="$HEAD_IP"' in script
+    assert 'start --head --node-ip-address="$HEAD_IP"' in script and "HEAD_IP=$MASTER_ADDR" in script
+    assert not [l for l in script.splitlines() if "hostname -i" in l.split("#")[0]]  # 127.0.1.1 on Debian
     assert '--nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks-per-node=1 --overlap --exclude="$MASTER_HOST"' in script
     assert 'start --address="$RAY_ADDRESS"' in script
     assert f"-m data_pipeline build {config} --ray-address \"$RAY_ADDRESS\"" in script
