@@ -156,7 +156,7 @@ class CheckpointManager:
             reports = [None] * world  # type: ignore[list-item]
             dist.all_gather_object(reports, (rank, socket.gethostname(), str(self.dir.resolve()), problem))
         _barrier()
-        if rank == 0:
+        if rank == 0 and problem is None:
             (self.dir / f".preflight-{token}").unlink(missing_ok=True)
         failed = [r for r in reports if r[3] is not None]
         if failed:

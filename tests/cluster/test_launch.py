@@ -281,7 +281,7 @@ def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
     job_id = job.stdout.strip().split(";")[0]
     state = slurm.wait(job_id, timeout=600)
     job_dir = next(logs.glob(f"*-{job_id}"))
-    node_log = (job_dir / "node0-0.log").read_text() if (job_dir / "node0-0.log").is_file() else ""
+    node_log = (job_dir / "rank0-0.log").read_text() if (job_dir / "rank0-0.log").is_file() else ""
     assert state == "COMPLETED", _job_output(logs, job_id) + node_log[-4000:]
     run_dir = tmp / "runs" / "slurm_vae"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -292,3 +292,59 @@ def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
     # Structured JSON lines on the job's output (not a TTY), one per step.
     assert sum(1 for line in node_log.splitlines() if line.startswith('{"step"')) == 4
     assert (job_dir / "env-0.txt").is_file() and "SLURM_JOB_ID" in (job_dir / "env-0.txt").read_text()
+    # srun started both ranks itself (no launcher): each knows its SLURM task id, CPUs and OMP threads.
+    for rank in (0, 1):
+        log = (job_dir / f"rank{rank}-0.log").read_text()
+        assert f"crystalfm rank {rank}/2 local {rank} on " in log and "(slurm)" in log and "OMP_NUM_THREADS=1" in log
+
+
+SLOW_SAVE_S = 45  # longer than DeepSpeed's launcher would wait (~30 s) and than this cluster's KillWait (30 s)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_time_limit_signal_gives_a_slow_checkpoint_its_time_and_the_requeued_job_resumes(slurm, built):
+    """The time-limit warning reaches the ranks; a save that takes 45 s completes; the requeued job resumes.
+
+    `scancel --signal=USR1 --batch` is exactly what SLURM does GRACE seconds before the time limit
+    (`#SBATCH --signal=B:USR1@GRACE`); sending it ourselves avoids waiting for a real limit. The
+    save after the signal is made slow by the trainer's test-only CRYSTALFM_TEST_SLOW_SAVE_S.
+    """
+    tmp = built["tmp"]
+    assert built["state"] == "COMPLETED"
+    config = tmp / "requeue.yaml"
+    config.write_text(TRAIN.replace("max_steps: 4", "max_steps: 40").replace("every_steps: 2", "every_steps: 1000")
+                      .replace("slurm_vae", "requeue_vae").format(root=tmp / "runs", shards=tmp / "slurm"))
+    logs = tmp / "requeue_logs"
+    job = launch("pretrain", str(config), "--gpus-per-node", "2", "--time", "30:00", "--log-dir", str(logs),
+                 env={**slurm.env, "DS_ACCELERATOR": "cpu", "CRYSTALFM_TEST_SLOW_SAVE_S": str(SLOW_SAVE_S)})
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    run_dir = tmp / "runs" / "requeue_vae"
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    assert metrics.is_file(), _job_output(logs, job_id)
+    signalled = slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+    assert signalled.returncode == 0, signalled.stderr
+    state = slurm.wait(job_id, timeout=900)
+    job_dir = next(logs.glob(f"*-{job_id}"))
+    first = (job_dir / "rank0-0.log").read_text()
+    second = (job_dir / "rank0-1.log").read_text() if (job_dir / "rank0-1.log").is_file() else "(no restart log)"
+    assert state == "COMPLETED", _job_output(logs, job_id) + first[-3000:] + second[-3000:]
+    # First start: both ranks got USR1 themselves, agreed on a step, and the 45 s save completed.
+    assert "rank 0 got SIGUSR1" in first and "rank 1 got SIGUSR1" in (job_dir / "rank1-0.log").read_text()
+    saved = [l for l in first.splitlines() if "saved checkpoint" in l]
+    assert len(saved) == 1 and f"takes {SLOW_SAVE_S} s more" in first, first[-3000:]
+    tag = saved[0].rsplit("/", 1)[1].strip()
+    assert "preempted at step" in first
+    output = _job_output(logs, job_id)
+    assert "time limit near" in output and "step ended with status 0" in output
+    # Second start (SLURM_RESTART_COUNT=1): resumed from that checkpoint, trained on to the end.
+    assert f"resumed from {run_dir / 'checkpoints' / tag}" in second
+    info = slurm.run("scontrol", "-o", "show", "job", job_id).stdout
+    assert "Restarts=1" in info, info
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 41)), steps  # no step lost, none trained twice
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000040"
