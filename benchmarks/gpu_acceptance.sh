@@ -150,14 +150,16 @@ from pretrain.trainer import Trainer
 
 run_root = tempfile.mkdtemp(prefix=f"gpu_acceptance_{name}_")
 config = load_config(f"configs/pretrain_{name}.yaml", [f"run.root={run_root}", "tracking.mlflow=false",
-                     "checkpoint.resume=none", "train.precision=bf16", "train.log_every=1"])
+                     "checkpoint.resume=none", "train.precision=bf16", "train.log_every=1",
+                     "data.shards="])  # batches come from MP-20 below, not from a shard set
 budget = config.data.atom_budget
 shared = Path(os.environ.get("CRYSTALFM_SHARED_DATA", Path.cwd().parent / "shared" / "data"))
 records, atoms = [], 0
 with gzip.open(shared / "mp_20" / "train.csv.gz", "rt") as handle, warnings.catch_warnings():
     warnings.simplefilter("ignore")
     for row in csv.DictReader(handle):
-        r = CrystalRecord.from_structure(Structure.from_str(row["cif"], fmt="cif"), key=f"mp20:{row['material_id']}", source="mp20")
+        r = CrystalRecord.from_structure(Structure.from_str(row["cif"], fmt="cif"), key=f"mp20:{row['material_id']}",
+                                         source="mp20", formation_energy_per_atom=float(row["formation_energy_per_atom"]))
         if atoms + r.num_atoms > budget: break
         records.append(r); atoms += r.num_atoms
 torch.manual_seed(0)
@@ -174,7 +176,8 @@ print(f"loss {loss:.5g}; step {dt * 1e3:.0f} ms; peak {peak:.2f} GiB")
 ok = loss == loss and abs(loss) != float("inf")
 print(f"summary: {'' if ok else 'NON-FINITE LOSS '}{len(records)} crystals, {atoms} atoms, {params / 1e6:.1f} M params, "
       f"bf16 step {dt * 1e3:.0f} ms, peak memory {peak:.2f} GiB, loss {loss:.4g}")
-sys.exit(0 if ok else 1)
+sys.stdout.flush()
+os._exit(0 if ok else 1)  # skip interpreter teardown (process-group shutdown can hang after the result is out)
 PY
 done
 

@@ -185,6 +185,17 @@ def built(slurm, shared_data, tmp_path_factory):
     return {"tmp": tmp, "config": config, "logs": logs, "job_id": job_id, "state": state, "local": local}
 
 
+@pytest.fixture(scope="module")
+def local_shards(shared_data, tmp_path_factory) -> Path:
+    """A shard set built on this machine (`launch.sh data --local`), for the pretraining jobs."""
+    tmp = tmp_path_factory.mktemp("local_shards")
+    config = _data_config(tmp, _small_csv(shared_data, tmp / "mp20_small.csv"))
+    local = launch("data", str(config), "--local", "--", "--out", str(tmp / "shards"), "--inline", "--no-progress",
+                   timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    return tmp / "shards"
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_ray_build_job_matches_local_build(built):
@@ -269,11 +280,10 @@ tracking: {{experiment: slurm-test}}
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
-    tmp = built["tmp"]
-    assert built["state"] == "COMPLETED"
+def test_slurm_two_rank_cpu_pretraining_job(slurm, local_shards, tmp_path):
+    tmp = tmp_path
     config = tmp / "train.yaml"
-    config.write_text(TRAIN.format(root=tmp / "runs", shards=tmp / "slurm"))
+    config.write_text(TRAIN.format(root=tmp / "runs", shards=local_shards))
     logs = tmp / "train_logs"
     job = launch("pretrain", str(config), "--gpus-per-node", "2", "--time", "15:00", "--log-dir", str(logs),
                  env={**slurm.env, "DS_ACCELERATOR": "cpu"})
@@ -303,18 +313,18 @@ SLOW_SAVE_S = 45  # longer than DeepSpeed's launcher would wait (~30 s) and than
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_time_limit_signal_gives_a_slow_checkpoint_its_time_and_the_requeued_job_resumes(slurm, built):
+def test_time_limit_signal_gives_a_slow_checkpoint_its_time_and_the_requeued_job_resumes(slurm, local_shards,
+                                                                                         tmp_path):
     """The time-limit warning reaches the ranks; a save that takes 45 s completes; the requeued job resumes.
 
     `scancel --signal=USR1 --batch` is exactly what SLURM does GRACE seconds before the time limit
     (`#SBATCH --signal=B:USR1@GRACE`); sending it ourselves avoids waiting for a real limit. The
     save after the signal is made slow by the trainer's test-only CRYSTALFM_TEST_SLOW_SAVE_S.
     """
-    tmp = built["tmp"]
-    assert built["state"] == "COMPLETED"
+    tmp = tmp_path
     config = tmp / "requeue.yaml"
     config.write_text(TRAIN.replace("max_steps: 4", "max_steps: 40").replace("every_steps: 2", "every_steps: 1000")
-                      .replace("slurm_vae", "requeue_vae").format(root=tmp / "runs", shards=tmp / "slurm"))
+                      .replace("slurm_vae", "requeue_vae").format(root=tmp / "runs", shards=local_shards))
     logs = tmp / "requeue_logs"
     job = launch("pretrain", str(config), "--gpus-per-node", "2", "--time", "30:00", "--log-dir", str(logs),
                  env={**slurm.env, "DS_ACCELERATOR": "cpu", "CRYSTALFM_TEST_SLOW_SAVE_S": str(SLOW_SAVE_S)})
