@@ -74,7 +74,7 @@ class Trainer:
                  val_loader=None, log: Callable[[str], None] | None = None):
         self.config = config
         self._stop_signal: str | None = None
-        self._previous_handlers = self._catch_stop_signals()  # from the start: a warning during setup is kept
+        self._previous_handlers = self._catch_stop_signals()  # during setup too: a warning then is kept
         self.dist: DistInfo = init_distributed(config.train.backend)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.rank == 0
@@ -117,6 +117,10 @@ class Trainer:
         self.checkpoints.preflight()  # every rank must see the directory rank 0 writes (shared file system)
         self.tracker = self._build_tracker()
         self.resumed_from = self._maybe_resume()
+        # Setup is over: give the caller its handlers back until fit() (a trainer driven step by step, as
+        # benchmarks and tests do, must still die on SIGTERM). A signal that came during setup is kept in
+        # _stop_signal, so fit() stops after its first step and saves.
+        self._restore_signal_handlers()
 
     # -------------------------------------------------------------- setup helpers
     def _write_run_files(self) -> None:
@@ -348,6 +352,10 @@ class Trainer:
             return {}  # signal handlers can only be set from the main thread (notebooks, test threads)
         return {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
+    def _restore_signal_handlers(self) -> None:
+        for s, handler in self._previous_handlers.items():
+            signal.signal(s, handler)
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signal.Signals(signum).name
         print(f"crystalfm pretrain: rank {self.rank} got {self._stop_signal}: saving a checkpoint after this step",
@@ -356,8 +364,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `train.max_steps` (or until SIGTERM/SIGUSR1: then checkpoint and return)."""
         cfg = self.config
-        self._catch_stop_signals()  # (again: a second fit() after the first restored the caller's handlers)
-        previous = self._previous_handlers
+        self._catch_stop_signals()
         fault = _parse_fault(os.environ.get(FAULT_ENV)) if self.is_main else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         bar = self._progress_bar()
@@ -382,8 +389,7 @@ class Trainer:
             self.tracker.finish("FAILED")
             raise
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self._restore_signal_handlers()
             if metrics_file:
                 metrics_file.close()
             if bar is not None:
