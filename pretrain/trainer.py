@@ -358,7 +358,8 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signal.Signals(signum).name
-        print(f"crystalfm pretrain: rank {self.rank} got {self._stop_signal}: saving a checkpoint after this step",
+        rank = getattr(self, "rank", os.environ.get("RANK", "?"))  # may come before the process group exists
+        print(f"crystalfm pretrain: rank {rank} got {self._stop_signal}: saving a checkpoint after this step",
               file=sys.stderr, flush=True)
 
     def fit(self) -> dict[str, Any]:
