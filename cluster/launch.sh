@@ -2,15 +2,20 @@
 # Submit one crystalfm stage to SLURM (or run it on this machine with --local).
 #
 #   cluster/launch.sh STAGE CONFIG [--nodes N] [--gpus-per-node G] [--partition P] [--time T]
-#                     [--account A] [--cpus-per-task C] [--job-name NAME] [--log-dir DIR]
-#                     [--array N] [--dry-run] [--local] [-- EXTRA ARGS...]
+#                     [--account A] [--cpus-per-task C] [--shared] [--grace S] [--job-name NAME]
+#                     [--log-dir DIR] [--array N] [--dry-run] [--local] [-- EXTRA ARGS...]
 #
 #   STAGE     data      Ray head on the first node + one worker per other node, then
 #                       `python -m data_pipeline build CONFIG --ray-address HEAD:PORT EXTRA...`
-#             pretrain  one DeepSpeed launcher per node (srun), G ranks each, first host is master:
-#                       `python -m pretrain train CONFIG EXTRA...` (EXTRA: key.sub=value overrides)
+#             pretrain  srun starts G ranks per node, one task per GPU, first host is master:
+#                       `python -m pretrain train CONFIG EXTRA...` (EXTRA: key.sub=value overrides);
+#                       nodes are exclusive, each rank gets C CPUs (default: node CPUs / G)
 #             finetune  a sweep (tasks × encoders × fractions × seeds): `python -m finetune sweep CONFIG EXTRA...`;
 #                       with --array N, N array tasks each run their share (SLURM_ARRAY_TASK_ID/COUNT)
+#   --cpus-per-task C  CPUs per task (pretrain: per GPU rank); env CRYSTALFM_CPUS_PER_TASK
+#   --shared  pretrain without --exclusive (needs C); env CRYSTALFM_EXCLUSIVE=0
+#   --grace S seconds of warning before the time limit (USR1: checkpoint, then requeue); default
+#             180 for pretrain, 120 otherwise; env CRYSTALFM_GRACE_S
 #   --dry-run prints the rendered sbatch script instead of submitting it.
 #   --local   runs the same stage on this machine (G ranks for pretrain; in-process Ray for data).
 #   On CPU-only nodes, G is the number of CPU ranks per node (gloo backend).
@@ -30,7 +35,8 @@ die() { echo "launch.sh: $*" >&2; exit 2; }
 STAGE=$1; CONFIG=$2; shift 2
 case "$STAGE" in data|pretrain|finetune) ;; *) die "unknown stage '$STAGE' (data | pretrain | finetune)";; esac
 
-NODES=1; GPUS=1; PARTITION=""; TIME="24:00:00"; ACCOUNT=""; CPUS=""; JOB_NAME=""; DRY_RUN=0; LOCAL=0; ARRAY=
+NODES=1; GPUS=1; PARTITION=""; TIME="24:00:00"; ACCOUNT=""; JOB_NAME=""; DRY_RUN=0; LOCAL=0; ARRAY=
+CPUS="${CRYSTALFM_CPUS_PER_TASK:-}"; EXCLUSIVE="${CRYSTALFM_EXCLUSIVE:-1}"; GRACE="${CRYSTALFM_GRACE_S:-}"
 LOG_DIR="${CRYSTALFM_LOG_DIR:-$ROOT/runs/slurm}"
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -41,6 +47,8 @@ while [ $# -gt 0 ]; do
     --time) TIME=$2; shift 2;;
     --account) ACCOUNT=$2; shift 2;;
     --cpus-per-task) CPUS=$2; shift 2;;
+    --shared) EXCLUSIVE=0; shift;;
+    --grace) GRACE=$2; shift 2;;
     --job-name) JOB_NAME=$2; shift 2;;
     --log-dir) LOG_DIR=$2; shift 2;;
     --array) ARRAY=$2; shift 2;;
@@ -55,6 +63,12 @@ done
 if [ -n "$ARRAY" ]; then
   [[ "$ARRAY" =~ ^[1-9][0-9]*$ ]] || die "--array must be a positive integer, got '$ARRAY'"
   [ "$STAGE" = finetune ] || die "--array is for the finetune stage (a sweep split over array tasks)"
+fi
+[ -z "$CPUS" ] || [[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, got '$CPUS'"
+if [ -z "$GRACE" ]; then GRACE=120; [ "$STAGE" = pretrain ] && GRACE=180; fi
+[[ "$GRACE" =~ ^[1-9][0-9]*$ ]] || die "--grace must be a positive number of seconds, got '$GRACE'"
+if [ "$STAGE" = pretrain ] && [ "$EXCLUSIVE" = 0 ] && [ -z "$CPUS" ] && [ "$LOCAL" = 0 ]; then
+  die "--shared nodes need --cpus-per-task C (CPUs for each GPU rank and its loader workers), or drop --shared"
 fi
 [ -f "$CONFIG" ] || die "config file '$CONFIG' not found"
 CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
@@ -88,6 +102,7 @@ SBATCH_EXTRA=""
 [ -n "$PARTITION" ] && SBATCH_EXTRA+="#SBATCH --partition=$PARTITION"$'\n'
 [ -n "$ACCOUNT" ] && SBATCH_EXTRA+="#SBATCH --account=$ACCOUNT"$'\n'
 [ -n "$CPUS" ] && SBATCH_EXTRA+="#SBATCH --cpus-per-task=$CPUS"$'\n'
+[ "$STAGE" = pretrain ] && [ "$EXCLUSIVE" != 0 ] && SBATCH_EXTRA+="#SBATCH --exclusive"$'\n'
 [ -n "$ARRAY" ] && SBATCH_EXTRA+="#SBATCH --array=0-$((ARRAY - 1))"$'\n'
 if [ "$STAGE" = pretrain ] && [ "${CRYSTALFM_CPU_RANKS:-0}" != 1 ]; then
   SBATCH_EXTRA+="#SBATCH --gpus-per-node=$GPUS"$'\n'
@@ -103,6 +118,7 @@ render() {
         line=${line//@NODES@/$NODES}
         line=${line//@GPUS_PER_NODE@/$GPUS}
         line=${line//@TIME@/$TIME}
+        line=${line//@GRACE@/$GRACE}
         line=${line//@LOG_DIR@/$LOG_DIR}
         line=${line//@ROOT@/$ROOT}
         line=${line//@PYTHON@/$PYTHON}

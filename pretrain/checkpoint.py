@@ -12,6 +12,12 @@ A checkpoint is written to `step_X.tmp/`, every rank waits at a barrier, then ra
 next save removes, never a half-written checkpoint that `latest` names. Only the newest
 `keep_last` checkpoints are kept.
 
+The directory must be one file system that every rank sees (NFS, Lustre, GPFS...): every rank
+writes its ZeRO partition and its `trainer_rankNNNNN.pt` into `step_X.tmp/`, and rank 0 alone
+renames, points `latest` and prunes. `CheckpointManager.preflight()` (run by the trainer before it
+resumes or trains) proves it: rank 0 writes a token file, every rank must read the same token back,
+else every rank stops with an error naming the directory and the ranks (and hosts) that cannot see it.
+
 The per-rank files hold plain Python containers and tensors only, written with torch.save;
 they are internal to a run (released models never contain pickles: see release.py).
 """
@@ -21,7 +27,10 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +127,50 @@ class CheckpointManager:
             raise FileNotFoundError(f"checkpoint.resume={resume!r} is neither a checkpoint directory nor a step folder with {META}")
         return path.parent, path.name
 
+    # -------------------------------------------------------------- preflight
+    def preflight(self, wait_s: float = 10.0) -> None:
+        """Collective: fail on every rank, before any training, unless all ranks share `self.dir`.
+
+        Rank 0 creates the directory and writes a random token to `.preflight-<token>`; after a
+        barrier every rank reads it (retrying for `wait_s` seconds, for file systems whose
+        attribute caches lag); the outcomes are gathered, so all ranks raise the same error.
+        """
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        problem = None
+        token = secrets.token_hex(8)
+        if rank == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                (self.dir / f".preflight-{token}").write_text(token)
+            except OSError as exc:
+                problem = f"cannot write there ({exc.strerror or exc})"
+        box = [token, problem]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        token, problem = box
+        if problem is None:
+            problem = _read_token(self.dir, token, wait_s) if rank != 0 else None
+        reports = [(rank, socket.gethostname(), str(self.dir.resolve()), problem)]
+        if dist.is_initialized():
+            reports = [None] * world  # type: ignore[list-item]
+            dist.all_gather_object(reports, (rank, socket.gethostname(), str(self.dir.resolve()), problem))
+        _barrier()
+        if rank == 0 and problem is None:
+            (self.dir / f".preflight-{token}").unlink(missing_ok=True)
+        failed = [r for r in reports if r[3] is not None]
+        if failed:
+            lines = "\n".join(f"  rank {r} on {host}: {path}: {why}" for r, host, path, why in failed)
+            raise RuntimeError(
+                f"checkpoint directory {reports[0][2]} (written by rank 0 on {reports[0][1]}) is not shared by "
+                f"every rank:\n{lines}\nCheckpoints need one directory that all {world} ranks see (rank 0 renames and "
+                "prunes what every rank wrote): put run.root (or checkpoint.dir) on a shared file system (NFS, Lustre, "
+                "GPFS) mounted at the same path on every node, not on a node-local disk such as /tmp.")
+
     # -------------------------------------------------------------- save
-    def save(self, engine, step: int, rank_state: dict, meta: dict) -> Path:
+    def save(self, engine, step: int, rank_state: dict, meta: dict, pause_s: float = 0.0) -> Path:
+        """Collective. `pause_s` waits that long after the files are written, before the rename (test-only:
+        it stands in for a slow parallel file system; the trainer passes CRYSTALFM_TEST_SLOW_SAVE_S)."""
         rank = dist.get_rank() if dist.is_initialized() else 0
         tag = tag_for(step)
         tmp_tag = tag + ".tmp"
@@ -130,6 +181,11 @@ class CheckpointManager:
         # DeepSpeed writes module/optimiser/scheduler (all ranks take part: ZeRO partitions).
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
         torch.save(rank_state, self.dir / tmp_tag / rank_file(rank))
+        if pause_s > 0:
+            if rank == 0:
+                print(f"crystalfm pretrain: test hook: saving {tag} takes {pause_s:g} s more (CRYSTALFM_TEST_SLOW_SAVE_S)",
+                      flush=True)
+            time.sleep(pause_s)
         _barrier()
         if rank == 0:
             (self.dir / tmp_tag / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -167,6 +223,26 @@ class CheckpointManager:
         # Internal file written by this trainer (plain containers + tensors).
         rank_state = torch.load(directory / tag / rank_file(rank), map_location="cpu", weights_only=False)
         return rank_state, meta
+
+
+def _read_token(directory: Path, token: str, wait_s: float) -> str | None:
+    """None when this rank reads `token` back from directory/.preflight-<token>, else why not."""
+    path = directory / f".preflight-{token}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.listdir(directory)  # refreshes NFS directory caches
+            if path.read_text() == token:
+                return None
+            why = "the token file holds something else"
+        except FileNotFoundError:
+            why = "the directory does not exist here" if not directory.is_dir() else \
+                f"rank 0's token file {path.name} is not visible here"
+        except OSError as exc:
+            why = f"cannot read it ({exc.strerror or exc})"
+        if time.monotonic() >= deadline:
+            return why
+        time.sleep(0.5)
 
 
 def _barrier() -> None:

@@ -1,14 +1,26 @@
 """Process-group setup for the trainer: one place that knows about ranks, devices and backends.
 
-Launchers (`deepspeed`, `python -m deepspeed.launcher.launch` one per node under srun, or
-`torchrun`) set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. A plain
-`python -m pretrain train ...` has none of them: it becomes a one-rank group on a free local port.
+Where the rank numbers come from, first match wins:
+
+1. a launcher (`deepspeed`, `python -m deepspeed.launcher.launch`, `torchrun`) set RANK /
+   LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT: they are used as they are;
+2. a SLURM job step (`srun`, one task per GPU, as `cluster/templates/pretrain.sbatch` starts
+   ranks): RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID, WORLD_SIZE = SLURM_NTASKS; MASTER_ADDR
+   (exported by the batch script) defaults to the first host of SLURM_JOB_NODELIST and MASTER_PORT
+   to 20000 + job id mod 20000, the same rule as `cluster/templates/common.sh`, so every task of
+   the step agrees without talking;
+3. nothing: a plain `python -m pretrain train ...` becomes a one-rank group on a free local port.
+
+Under srun the trainer process itself is the task SLURM signals (no launcher in between), so a
+SIGUSR1/SIGTERM reaches it directly and it has the whole grace period to finish its step and save.
 """
 from __future__ import annotations
 
 import os
 import random
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,20 +43,80 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _set_single_process_env() -> None:
+def slurm_step_env(environ=os.environ) -> dict[str, str] | None:
+    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for a task of a SLURM job step, else None.
+
+    Only a task started by srun counts (SLURM_STEP_ID is set, and it is not the batch or extern
+    step): a batch script's own shell also carries SLURM_PROCID=0 and the job's SLURM_NTASKS, and
+    a `python -m pretrain train` typed there must stay a one-rank run, not wait for ranks that
+    never start.
+    """
+    needed = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID")
+    if any(k not in environ for k in needed):
+        return None
+    step = environ["SLURM_STEP_ID"]
+    if not step.isdigit() or int(step) >= 0xFFFFFFF0:  # batch / extern / interactive steps have special ids
+        return None
+    job_id = int(environ["SLURM_JOB_ID"])
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "LOCAL_RANK": environ["SLURM_LOCALID"],
+        "WORLD_SIZE": environ["SLURM_NTASKS"],
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", "")),
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + job_id % 20000),
+    }
+
+
+def _first_host(nodelist: str) -> str:
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"SLURM_JOB_NODELIST={nodelist!r}: `scontrol show hostnames` failed ({exc}); "
+                           "export MASTER_ADDR (the first node's address) before srun") from None
+    return out[0]
+
+
+def _set_process_env() -> str:
+    """Fill the rendezvous variables (see the module docstring); returns where they came from."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    # SLURM without a launcher (srun one task per GPU) also works: map its variables.
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and "MASTER_ADDR" in os.environ:
-        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-        return
+        return "launcher"
+    slurm = slurm_step_env()
+    if slurm is not None:
+        for key, value in slurm.items():
+            os.environ.setdefault(key, value)
+        return "slurm"
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return "local"
+
+
+def placement(info: "DistInfo", source: str) -> str:
+    """One line naming where this rank runs: host, ranks, device, CPUs it may use, OMP threads."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu_text = f"{len(cpus)} CPU(s) {_ranges(cpus)}"
+    except AttributeError:  # not Linux
+        cpu_text = f"{os.cpu_count()} CPU(s)"
+    return (f"crystalfm rank {info.rank}/{info.world_size} local {info.local_rank} on {socket.gethostname()} "
+            f"({source}): device {info.device}, {cpu_text}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
 
 
 def init_distributed(backend: str = "auto") -> DistInfo:
@@ -52,18 +124,24 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    _set_single_process_env()
+    source = _set_process_env()
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
     if backend == "auto":
         backend = "gloo" if on_cpu else accelerator.communication_backend_name()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # srun with --gpus-per-node shows every task all the node's GPUs (index = local rank); a site
+    # that binds one GPU per task (--gpus-per-task=1, --gpu-bind) shows each task one: index 0.
+    device_index = local_rank % max(1, accelerator.device_count()) if not on_cpu else 0
     if not on_cpu:
-        accelerator.set_device(local_rank)
+        accelerator.set_device(device_index)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(local_rank))
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+    device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(device_index))
+    info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+    if source != "local":
+        print(placement(info, source), file=sys.stderr, flush=True)
+    return info
 
 
 # ---------------------------------------------------------------------- rank helpers

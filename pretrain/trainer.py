@@ -44,6 +44,10 @@ from pretrain.objectives.base import LossNorm
 from pretrain.tracking import MlflowTracker, NullTracker, manifest_sha256
 
 FAULT_ENV = "CRYSTALFM_FAULT"  # "STEP:KILL" or "STEP:TERM": rank 0 sends itself that signal after STEP (tests)
+# Test-only hooks (tests/cluster, tests/pretrain/test_checkpoint_preflight.py); never set them in a real run:
+SLOW_SAVE_ENV = "CRYSTALFM_TEST_SLOW_SAVE_S"  # seconds a checkpoint saved after a stop signal takes longer
+RANK_DIR_ENV = "CRYSTALFM_TEST_RANK_CHECKPOINT_DIR"  # "RANK:PATH": that rank uses PATH (a node-local disk)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Trainer:
                  val_loader=None, log: Callable[[str], None] | None = None, verbose: bool = False):
         self.config = config
         self.verbose = verbose  # print the full config (it is always written to <run dir>/config.yaml)
+        self._stop_signal: str | None = None
+        self._previous_handlers = self._catch_stop_signals()  # during setup too: a warning then is kept
         self.dist: DistInfo = init_distributed(config.train.backend)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.rank == 0
@@ -101,7 +107,6 @@ class Trainer:
         self.epoch = 0
         self._iter = None
         self._fresh_epoch = True  # call loader.set_epoch before the next iter() (False right after a resume)
-        self._stop_signal: str | None = None
         self._stop_agreed = False
         self.last_metrics: dict[str, float] = {}
         self._pending_steps = 0  # engine.step() calls of the current optimiser step so far
@@ -109,9 +114,15 @@ class Trainer:
         self._step_s = 0.0  # seconds of the last optimizer_step
         self._val_start: dict | None = None  # the validation loader's state at the first evaluation
         self.manifest_sha256 = manifest_sha256(config.data.shards) if config.data.shards else None
-        self.checkpoints = CheckpointManager(config.checkpoint_dir, config.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(_rank_checkpoint_dir(config.checkpoint_dir, self.rank),
+                                             config.checkpoint.keep_last)
+        self.checkpoints.preflight()  # every rank must see the directory rank 0 writes (shared file system)
         self.tracker = self._build_tracker()
         self.resumed_from = self._maybe_resume()
+        # Setup is over: give the caller its handlers back until fit() (a trainer driven step by step, as
+        # benchmarks and tests do, must still die on SIGTERM). A signal that came during setup is kept in
+        # _stop_signal, so fit() stops after its first step and saves.
+        self._restore_signal_handlers()
 
     # -------------------------------------------------------------- setup helpers
     def _write_run_files(self) -> None:
@@ -324,7 +335,7 @@ class Trainer:
         return {metric_name("val", "loss"): float(total[0] / total[1])} if total[1] > 0 else {}
 
     # -------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, pause_s: float = 0.0) -> Path:
         meta = {
             "step": self.step, "epoch": self.epoch, "world_size": self.world_size,
             # export_config() inlines what init_from pointed at, so a release never needs the
@@ -337,21 +348,33 @@ class Trainer:
             "mlflow": {"tracking_uri": self.tracker.tracking_uri, "run_id": self.tracker.run_id},
         }
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
-        path = self.checkpoints.save(self.engine, self.step, rank_state, meta)
+        path = self.checkpoints.save(self.engine, self.step, rank_state, meta, pause_s=pause_s)
         if self.is_main:
             self._log(f"crystalfm pretrain: saved checkpoint {path}")
         return path
 
     # -------------------------------------------------------------- the loop
+    def _catch_stop_signals(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread (notebooks, test threads)
+        return {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def _restore_signal_handlers(self) -> None:
+        for s, handler in self._previous_handlers.items():
+            signal.signal(s, handler)
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signal.Signals(signum).name
-        print(f"crystalfm pretrain: rank {self.rank} got {self._stop_signal}: saving a checkpoint after this step",
+        rank = getattr(self, "rank", os.environ.get("RANK", "?"))  # may come before the process group exists
+        print(f"crystalfm pretrain: rank {rank} got {self._stop_signal}: saving a checkpoint after this step",
               file=sys.stderr, flush=True)
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.max_steps` (or until SIGTERM/SIGUSR1: then checkpoint and return)."""
         cfg = self.config
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self._catch_stop_signals()
         fault = _parse_fault(os.environ.get(FAULT_ENV)) if self.is_main else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         bar = self._progress_bar()
@@ -365,7 +388,7 @@ class Trainer:
                         self.last_metrics.update(self.evaluate())
                     self._emit(self.last_metrics, metrics_file, bar)
                 if self._stop_agreed:
-                    self.save_checkpoint()
+                    self.save_checkpoint(pause_s=float(os.environ.get(SLOW_SAVE_ENV) or 0))
                     status = "preempted"
                     break
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
@@ -376,8 +399,7 @@ class Trainer:
             self.tracker.finish("FAILED")
             raise
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self._restore_signal_handlers()
             if metrics_file:
                 metrics_file.close()
             if bar is not None:
@@ -425,6 +447,16 @@ def _parse_fault(value: str | None):
         return int(step), getattr(signal, f"SIG{name.upper()}")
     except (ValueError, AttributeError):
         raise ValueError(f"{FAULT_ENV}={value!r}: expected STEP:SIGNAL, e.g. 7:KILL or 3:TERM") from None
+
+
+def _rank_checkpoint_dir(directory: Path, rank: int) -> Path:
+    """The checkpoint directory, or (test-only, RANK_DIR_ENV) another one for one rank."""
+    hook = os.environ.get(RANK_DIR_ENV)
+    if hook:
+        hook_rank, _, path = hook.partition(":")
+        if hook_rank.strip() == str(rank):
+            return Path(path)
+    return Path(directory)
 
 
 def _json_float(value):

@@ -43,30 +43,52 @@ def test_dry_run_renders_a_four_node_pretrain_script(tmp_path):
                  env={"CRYSTALFM_CPU_RANKS": "0"})
     assert out.returncode == 0, out.stderr
     script = out.stdout
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --time=02:00:00",
-                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@"):
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --exclusive", "#SBATCH --partition=gpu", "#SBATCH --account=proj42",
+                 "#SBATCH --time=02:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@180"):
         assert line in script, line
-    assert "srun --nodes=\"$NNODES\" --ntasks-per-node=1" in script  # one launcher per node
-    assert '--node_rank="$SLURM_NODEID"' in script and '--master_addr="$MASTER_ADDR"' in script
-    assert "--module pretrain train" in script and f"{config} train.zero_stage=3" in script
+    # srun starts the ranks themselves: one task per GPU, each with its CPUs; no launcher in between.
+    assert 'srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK"' in script
+    assert "deepspeed.launcher" not in script and "STEP_STOP=step-signal" in script
+    assert f"-m pretrain train {config} train.zero_stage=3" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    # The world the launchers agree on: 4 nodes x 8 ranks, node i → ranks 8i..8i+7.
-    world = _world_info(script, {"SLURM_JOB_NUM_NODES": "4"})
-    assert world == {f"node{i}": list(range(8)) for i in range(4)}
+    # CPUs per rank: an even share of the exclusive node, or --cpus-per-task; OMP threads follow.
+    assert _cpus(script, {"SLURM_CPUS_ON_NODE": "96"}) == ("12", "12")
+    assert _cpus(script, {"SLURM_CPUS_ON_NODE": "96", "SLURM_CPUS_PER_TASK": "6"}) == ("6", "6")
+    assert _cpus(script, {"SLURM_CPUS_ON_NODE": "4"}) == ("1", "1")
     common = (ROOT / "cluster/templates/common.sh").read_text()
     assert "scontrol show hostnames" in common and "head -n 1" in common  # first host is master
-    assert "scontrol requeue" in common and "env | sort" in common
+    assert "scontrol requeue" in common and "env | sort" in common and "scancel --signal=USR1" in common
 
 
-def _world_info(script: str, env: dict) -> dict:
-    import base64
-
-    line = next(l for l in script.splitlines() if l.startswith("export WORLD_INFO="))
-    prelude = "\n".join(l for l in script.splitlines() if l.startswith(("GPUS_PER_NODE=", "NNODES=", "PYTHON=")))
-    out = subprocess.run(["bash", "-c", f"{prelude}\n{line}\necho $WORLD_INFO"], env={**os.environ, **env},
+def _cpus(script: str, env: dict) -> tuple[str, str]:
+    """CPUS_PER_TASK and OMP_NUM_THREADS as the rendered script computes them under `env`."""
+    lines = script.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("GPUS_PER_NODE="))
+    end = next(i for i, l in enumerate(lines) if l.startswith("export OMP_NUM_THREADS="))
+    body = "\n".join(lines[start:end + 1])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CRYSTALFM_"))}
+    out = subprocess.run(["bash", "-c", f"{body}\necho $CPUS_PER_TASK $OMP_NUM_THREADS"], env={**clean, **env},
                          capture_output=True, text=True)
-    return json.loads(base64.urlsafe_b64decode(out.stdout.strip()))
+    return tuple(out.stdout.split())
+
+
+def test_dry_run_pretrain_cpu_options(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("{}\n")
+    given = launch("pretrain", str(config), "--gpus-per-node", "4", "--cpus-per-task", "10", "--grace", "600",
+                   "--dry-run", env={"CRYSTALFM_CPU_RANKS": "0"})
+    assert given.returncode == 0, given.stderr
+    assert "#SBATCH --cpus-per-task=10" in given.stdout and "#SBATCH --signal=B:USR1@600" in given.stdout
+    shared = launch("pretrain", str(config), "--shared", "--cpus-per-task", "10", "--dry-run")
+    assert shared.returncode == 0 and "#SBATCH --exclusive" not in shared.stdout
+    env_shared = launch("pretrain", str(config), "--dry-run", env={"CRYSTALFM_EXCLUSIVE": "0",
+                                                                   "CRYSTALFM_CPUS_PER_TASK": "3"})
+    assert "#SBATCH --exclusive" not in env_shared.stdout and "#SBATCH --cpus-per-task=3" in env_shared.stdout
+    no_cpus = launch("pretrain", str(config), "--shared", "--dry-run")
+    assert no_cpus.returncode == 2 and "--cpus-per-task" in no_cpus.stderr
+    bad = launch("pretrain", str(config), "--cpus-per-task", "lots", "--dry-run")
+    assert bad.returncode == 2 and "--cpus-per-task" in bad.stderr
 
 
 def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
@@ -76,7 +98,8 @@ def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
     assert out.returncode == 0, out.stderr
     script = out.stdout
     assert "#SBATCH --nodes=4" in script and "--gpus-per-node" not in script
-    assert 'start --head --node-ip-address="$HEAD_IP"' in script
+    assert 'start --head --node-ip-address="$HEAD_IP"' in script and "HEAD_IP=$MASTER_ADDR" in script
+    assert not [l for l in script.splitlines() if "hostname -i" in l.split("#")[0]]  # 127.0.1.1 on Debian
     assert '--nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks-per-node=1 --overlap --exclude="$MASTER_HOST"' in script
     assert 'start --address="$RAY_ADDRESS"' in script
     assert f"-m data_pipeline build {config} --ray-address \"$RAY_ADDRESS\"" in script
@@ -160,6 +183,17 @@ def built(slurm, shared_data, tmp_path_factory):
     local = launch("data", str(config), "--local", "--", "--out", str(tmp / "local"), "--inline", "--no-progress",
                    timeout=600)
     return {"tmp": tmp, "config": config, "logs": logs, "job_id": job_id, "state": state, "local": local}
+
+
+@pytest.fixture(scope="module")
+def local_shards(shared_data, tmp_path_factory) -> Path:
+    """A shard set built on this machine (`launch.sh data --local`), for the pretraining jobs."""
+    tmp = tmp_path_factory.mktemp("local_shards")
+    config = _data_config(tmp, _small_csv(shared_data, tmp / "mp20_small.csv"))
+    local = launch("data", str(config), "--local", "--", "--out", str(tmp / "shards"), "--inline", "--no-progress",
+                   timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    return tmp / "shards"
 
 
 @pytest.mark.slow
@@ -246,11 +280,10 @@ tracking: {{experiment: slurm-test}}
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
-    tmp = built["tmp"]
-    assert built["state"] == "COMPLETED"
+def test_slurm_two_rank_cpu_pretraining_job(slurm, local_shards, tmp_path):
+    tmp = tmp_path
     config = tmp / "train.yaml"
-    config.write_text(TRAIN.format(root=tmp / "runs", shards=tmp / "slurm"))
+    config.write_text(TRAIN.format(root=tmp / "runs", shards=local_shards))
     logs = tmp / "train_logs"
     job = launch("pretrain", str(config), "--gpus-per-node", "2", "--time", "15:00", "--log-dir", str(logs),
                  env={**slurm.env, "DS_ACCELERATOR": "cpu"})
@@ -258,7 +291,7 @@ def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
     job_id = job.stdout.strip().split(";")[0]
     state = slurm.wait(job_id, timeout=600)
     job_dir = next(logs.glob(f"*-{job_id}"))
-    node_log = (job_dir / "node0-0.log").read_text() if (job_dir / "node0-0.log").is_file() else ""
+    node_log = (job_dir / "rank0-0.log").read_text() if (job_dir / "rank0-0.log").is_file() else ""
     assert state == "COMPLETED", _job_output(logs, job_id) + node_log[-4000:]
     run_dir = tmp / "runs" / "slurm_vae"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -269,3 +302,59 @@ def test_slurm_two_rank_cpu_pretraining_job(slurm, built):
     # Structured JSON lines on the job's output (not a TTY), one per step.
     assert sum(1 for line in node_log.splitlines() if line.startswith('{"step"')) == 4
     assert (job_dir / "env-0.txt").is_file() and "SLURM_JOB_ID" in (job_dir / "env-0.txt").read_text()
+    # srun started both ranks itself (no launcher): each knows its SLURM task id, CPUs and OMP threads.
+    for rank in (0, 1):
+        log = (job_dir / f"rank{rank}-0.log").read_text()
+        assert f"crystalfm rank {rank}/2 local {rank} on " in log and "(slurm)" in log and "OMP_NUM_THREADS=1" in log
+
+
+SLOW_SAVE_S = 45  # longer than DeepSpeed's launcher would wait (~30 s) and than this cluster's KillWait (30 s)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_time_limit_signal_gives_a_slow_checkpoint_its_time_and_the_requeued_job_resumes(slurm, local_shards,
+                                                                                         tmp_path):
+    """The time-limit warning reaches the ranks; a save that takes 45 s completes; the requeued job resumes.
+
+    `scancel --signal=USR1 --batch` is exactly what SLURM does GRACE seconds before the time limit
+    (`#SBATCH --signal=B:USR1@GRACE`); sending it ourselves avoids waiting for a real limit. The
+    save after the signal is made slow by the trainer's test-only CRYSTALFM_TEST_SLOW_SAVE_S.
+    """
+    tmp = tmp_path
+    config = tmp / "requeue.yaml"
+    config.write_text(TRAIN.replace("max_steps: 4", "max_steps: 40").replace("every_steps: 2", "every_steps: 1000")
+                      .replace("slurm_vae", "requeue_vae").format(root=tmp / "runs", shards=local_shards))
+    logs = tmp / "requeue_logs"
+    job = launch("pretrain", str(config), "--gpus-per-node", "2", "--time", "30:00", "--log-dir", str(logs),
+                 env={**slurm.env, "DS_ACCELERATOR": "cpu", "CRYSTALFM_TEST_SLOW_SAVE_S": str(SLOW_SAVE_S)})
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    run_dir = tmp / "runs" / "requeue_vae"
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    assert metrics.is_file(), _job_output(logs, job_id)
+    signalled = slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+    assert signalled.returncode == 0, signalled.stderr
+    state = slurm.wait(job_id, timeout=900)
+    job_dir = next(logs.glob(f"*-{job_id}"))
+    first = (job_dir / "rank0-0.log").read_text()
+    second = (job_dir / "rank0-1.log").read_text() if (job_dir / "rank0-1.log").is_file() else "(no restart log)"
+    assert state == "COMPLETED", _job_output(logs, job_id) + first[-3000:] + second[-3000:]
+    # First start: both ranks got USR1 themselves, agreed on a step, and the 45 s save completed.
+    assert "rank 0 got SIGUSR1" in first and "rank 1 got SIGUSR1" in (job_dir / "rank1-0.log").read_text()
+    saved = [l for l in first.splitlines() if "saved checkpoint" in l]
+    assert len(saved) == 1 and f"takes {SLOW_SAVE_S} s more" in first, first[-3000:]
+    tag = saved[0].rsplit("/", 1)[1].strip()
+    assert "preempted at step" in first
+    output = _job_output(logs, job_id)
+    assert "time limit near" in output and "step ended with status 0" in output
+    # Second start (SLURM_RESTART_COUNT=1): resumed from that checkpoint, trained on to the end.
+    assert f"resumed from {run_dir / 'checkpoints' / tag}" in second
+    info = slurm.run("scontrol", "-o", "show", "job", job_id).stdout
+    assert "Restarts=1" in info, info
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 41)), steps  # no step lost, none trained twice
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000040"
