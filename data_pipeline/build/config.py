@@ -25,7 +25,7 @@ SPLIT_BY = ("group", "reduced_formula")
 EXCLUDE_MATCH = ("exact", "structural")
 RUNTIME_FIELDS = ("out", "executor", "ray_address", "num_workers", "force", "keep_work")
 EXECUTORS = ("ray", "inline")
-DEFAULT_DEDUP_GROUP_SIZE = 512
+DEFAULT_DEDUP_GROUP_SIZE = 128
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,22 @@ def test_shape_key_is_supercell_and_scale_invariant(heusler):
     assert np.allclose(keys[0][1:], keys[1][1:], atol=1e-5) and np.allclose(keys[0][1:], keys[2][1:], atol=1e-5)
     unscaled = shape_key(CrystalRecord.from_structure(scaled, key="d", source="t"), MatcherConfig(scale=False))
     assert unscaled[1] > keys[2][1]  # without volume scaling the key keeps the lengths in Å
+
+
+def test_real_near_duplicates_across_space_groups_are_caught(shared_data):
+    """Two Carbon-24 entries StructureMatcher calls the same crystal (rms 0.001) that spglib puts in
+    space groups 15 and 166 at symprec 0.1: the old (formula, space group) bucket kept both."""
+    from data_pipeline.build.dedup import space_group_number
+    from pymatgen.core import Structure
+
+    wanted = ("C-148219-4273-38", "C-13640-2755-45")
+    found = {}
+    with open(shared_data / "carbon_24" / "val.csv") as handle:
+        for row in csv.DictReader(handle):
+            if row["material_id"] in wanted:
+                found[row["material_id"]] = CrystalRecord.from_structure(Structure.from_str(row["cif"], fmt="cif"),
+                                                                         key=row["material_id"], source="c24")
+    first, second = (found[k] for k in wanted)
+    assert space_group_number(first) != space_group_number(second)
+    assert match_bucket(as_candidates([first, second]), MatcherConfig(), check_exclude=False) == \
+        [(second.key, "structural", first.key)]
