@@ -192,28 +192,41 @@ def plan_counts(base, n: int, cfg) -> None:
               f"{total / old:.3f}x | {tasks} | {max(per_piece + [min(1024, max(per_tile, default=0))])} |")
 
 
-def bench_copies(args) -> None:
+def carbon24(material_id: str):
+    from pymatgen.core import Structure
+
+    with open(SHARED / "carbon_24" / "val.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["material_id"] == material_id)
+    return Structure.from_str(row["cif"], fmt="cif")
+
+
+def bench_copies(tmp: Path, args) -> None:
     from data_pipeline.build.config import MatcherConfig
     from data_pipeline.build.dedup import Candidate, match_bucket, space_group_number
 
     sys.path.insert(0, str(ROOT / "tests" / "data_pipeline"))
     from test_dedup_scale import noisy_copies
 
-    name, base = next((k, s) for k, s in mp20_structures(200) if k == "mp-865981")
-    copies = noisy_copies(record_of(base, name), args.copies, 0.01)
-    groups = {}
-    for c in copies:
-        sg = space_group_number(c)
-        groups[sg] = groups.get(sg, 0) + 1
-    print(f"\n## 2. {args.copies} copies of {name} ({base.composition.reduced_formula}) with 0.01 Å noise")
-    print(f"space groups at symprec 0.1: {dict(sorted(groups.items()))} → the previous matcher keeps at least "
-          f"{len(groups)}")
-    for group_size in (512, 32):
-        stats: dict = {}
-        dropped = match_bucket([Candidate(c.key, "record", True, c) for c in copies], MatcherConfig(), False,
-                               group_size=group_size, stats=stats)
-        print(f"new matcher, group_size {group_size}: {len(copies) - len(dropped)} survivor(s), {stats['fits']} fit calls, "
-              f"{stats['pieces']} piece(s)")
+    old = base_module(tmp, "data_pipeline/build/dedup.py", "base_dedup")
+    crystals = [("mp-865981", next(s for k, s in mp20_structures(200) if k == "mp-865981")),
+                ("C-13640-2755-45", carbon24("C-13640-2755-45"))]  # Carbon-24, C2/m, within 0.001 Å of R-3m
+    for name, base in crystals:
+        copies = noisy_copies(record_of(base, name), args.copies, 0.01)
+        groups: dict[int, int] = {}
+        for c in copies:
+            sg = space_group_number(c)
+            groups[sg] = groups.get(sg, 0) + 1
+        print(f"\n## 2. {args.copies} copies of {name} ({base.composition.reduced_formula}, {len(base)} sites) with 0.01 Å noise")
+        print(f"space groups at symprec 0.1: {dict(sorted(groups.items()))}")
+        with CountFits() as counter:
+            dropped = old.match_bucket([old.Candidate(c.key, "record", True, c) for c in copies], MatcherConfig(), False)
+        print(f"previous matcher: {len(copies) - len(dropped)} survivor(s), {counter.n} fit calls")
+        for group_size in (128, 32):
+            stats: dict = {}
+            dropped = match_bucket([Candidate(c.key, "record", True, c) for c in copies], MatcherConfig(), False,
+                                   group_size=group_size, stats=stats)
+            print(f"new matcher, group_size {group_size}: {len(copies) - len(dropped)} survivor(s), {stats['fits']} fit calls, "
+                  f"{stats['pieces']} piece(s)")
 
 
 _OPENS = {"on": False, "paths": []}
@@ -305,7 +318,7 @@ def main() -> None:
         if args.only in (None, "dedup"):
             bench_polymorphs(tmp, args)
         if args.only in (None, "copies"):
-            bench_copies(args)
+            bench_copies(tmp, args)
         if args.only in (None, "shards"):
             bench_shards(tmp, args)
     print(f"\nuptime at the end: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
