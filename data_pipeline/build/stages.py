@@ -9,11 +9,14 @@ Stages (each a small function below; `build` runs them in order):
                     rerun after kill -9 skips every chunk already done. Results are consumed in
                     chunk order, so everything downstream sees one deterministic record order.
 3. dedup_stage      on the driver: repeated keys, exact fingerprints and exact matches against
-                    the `exclude` (benchmark test set) structures. Then one Ray task per batch
-                    of (reduced formula) buckets runs spglib + StructureMatcher where needed.
+                    the `exclude` (benchmark test set) structures. Then StructureMatcher where
+                    needed: formula buckets cut into pieces by the parse tasks' shape keys, Ray
+                    tasks per batch of pieces (largest first), then tiles of representative
+                    pairs across pieces, resolved on the driver in global order (dedup.py).
 4. split_stage      sha256(seed:group) → split; a seeded hash order inside each split.
-5. write_stage      shards planned by the target byte size on the driver; one Ray task per shard
-                    writes a deterministic tar (and its statistics) from the chunk files.
+5. write_stage      shards planned by the target byte size on the driver; a shuffle writes them:
+                    map tasks read each chunk file once into spill files in shard order, reduce
+                    tasks write runs of deterministic tars (and statistics) from the spills.
 6. finish           rejects.jsonl, duplicates.jsonl, then manifest.json last, atomically.
 
 Why Ray tasks and not Ray Data: the unit of work here is a chunk of one reader's stream, which is
@@ -44,7 +47,7 @@ from data_pipeline.manifest import (
 )
 from crystalfm_common.atomic import write_bytes_atomic
 from crystalfm_common.provenance import REPO_ROOT, git_commit, git_dirty, package_version
-from data_pipeline.build.shard_writer import BlobWriter, DeterministicTarWriter, read_members, sample_tar_bytes
+from data_pipeline.build.shard_writer import BlobWriter, DeterministicTarWriter, sample_tar_bytes
 
 WORK_DIR = "_work"
 REJECTS_NAME = "rejects.jsonl"
@@ -703,8 +706,13 @@ def _candidates(members: list, role: str) -> list:
 
     out = []
     for name, structural, tar, jo, js, so, ss, shape in members:
-        raw_json, raw_arrays = read_members(tar, [("json", jo, js), ("safetensors", so, ss)])
-        record = decode_sample({"__key__": name, "json": raw_json, "safetensors": raw_arrays})
+        with open(tar, "rb") as handle:
+            raw_json, raw_arrays = _read_exact(handle, tar, name, jo, js), _read_exact(handle, tar, name, so, ss)
+        try:
+            record = decode_sample({"__key__": name, "json": raw_json, "safetensors": raw_arrays})
+        except Exception as exc:  # noqa: BLE001 - a damaged work file: say which file and record
+            raise BuildError(f"work file {tar}: record {name!r} cannot be decoded for matching "
+                             f"({type(exc).__name__}: {exc}); rerun with --force to rebuild it") from exc
         out.append(Candidate(name=name, role=role, structural=structural, record=record,
                              shape=tuple(shape) if shape is not None else None))
     return out
@@ -823,7 +831,7 @@ def _shuffle_write(state: BuildState, plan: list, pending: list, infos: dict, pr
         reads, offset = [], 0
         for _, _, m in rows:
             where[id(m)] = (path, offset)
-            reads.append([state.chunk_paths[m.chunk], *m.json_ref, *m.arrays_ref])
+            reads.append([state.chunk_paths[m.chunk], m.name, *m.json_ref, *m.arrays_ref])
             offset += m.json_ref[1] + m.arrays_ref[1]
         digest = hashlib.sha256(json.dumps([path, reads]).encode()).hexdigest()
         sidecar = Path(f"{path}.json")
@@ -859,14 +867,11 @@ def spill_chunks(reads: list, path: str, digest: str) -> dict:
         by_chunk.setdefault(chunk, []).append(i)
     data: list[bytes] = [b""] * len(reads)
     for chunk, positions in by_chunk.items():
-        positions.sort(key=lambda i: reads[i][1])
+        positions.sort(key=lambda i: reads[i][2])
         with open(chunk, "rb") as handle:
             for i in positions:
-                _, jo, js, so, ss = reads[i]
-                handle.seek(jo)
-                raw_json = handle.read(js)
-                handle.seek(so)
-                data[i] = raw_json + handle.read(ss)
+                _, name, jo, js, so, ss = reads[i]
+                data[i] = _read_exact(handle, chunk, name, jo, js) + _read_exact(handle, chunk, name, so, ss)
     with BlobWriter(path) as blob:
         for item in data:
             blob.write(item)
@@ -874,6 +879,16 @@ def spill_chunks(reads: list, path: str, digest: str) -> dict:
     result = {"digest": digest, "samples": len(reads)}
     write_bytes_atomic(f"{path}.json", dumps(result))
     return result
+
+
+def _read_exact(handle, path: str, name: str, offset: int, size: int) -> bytes:
+    """size bytes at offset, or an error naming the work file and the record (a truncated file)."""
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) != size:
+        raise BuildError(f"work file {path} is truncated: record {name!r} needs bytes {offset}..{offset + size}, "
+                         f"got {len(data)}; rerun with --force to rebuild it")
+    return data
 
 
 def write_shards(shards: list) -> list[dict]:
@@ -902,10 +917,8 @@ def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str, 
         handle = handles[path]
         for i in sorted(positions, key=lambda i: refs[i][2]):  # read front to back
             _, name, jo, js, so, ss = refs[i]
-            handle.seek(jo)
-            raw_json = handle.read(js)
-            handle.seek(so)
-            samples[i] = {"__key__": name, "json": raw_json, "safetensors": handle.read(ss)}
+            samples[i] = {"__key__": name, "json": _read_exact(handle, path, name, jo, js),
+                          "safetensors": _read_exact(handle, path, name, so, ss)}
     stats = ShardStats()
     rows = []  # the shard's index (shard_format.INDEX_COLUMNS), so loaders need not scan the tar
     with DeterministicTarWriter(target) as writer:

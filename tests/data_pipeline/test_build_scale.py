@@ -190,3 +190,16 @@ def test_cut_buckets_give_the_same_bytes_at_any_worker_count(shared_data, tmp_pa
     assert m["counts"]["dropped_by_how"]["structural"] >= 39  # the copies collapse across pieces
     assert m["build_config"]["dedup_group_size"] == 8  # a non-default cut is recorded
     assert outputs(tmp_path / "ray1") == outputs(tmp_path / "inline") == outputs(tmp_path / "ray2")
+
+
+def test_a_truncated_work_file_is_named_with_its_record(tmp_path):
+    from data_pipeline.build.stages import BuildError, spill_chunks, write_shard
+
+    chunk = tmp_path / "000-0000000.bin"
+    chunk.write_bytes(b"x" * 100)
+    with pytest.raises(BuildError, match=r"000-0000000.bin is truncated: record 'src:mp-1'"):
+        spill_chunks([[str(chunk), "src:mp-1", 0, 40, 40, 200]], str(tmp_path / "spill.bin"), "d")
+    assert not (tmp_path / "spill.bin").exists()
+    with pytest.raises(BuildError, match=r"is truncated: record 'src:mp-2'"):
+        write_shard([[str(chunk), "src:mp-2", 90, 20, 0, 1]], str(tmp_path / "t.tar"), str(tmp_path / "t.json"), "train", "d")
+    assert not (tmp_path / "t.tar").exists()
