@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = (ROOT / "benchmarks" / "SUMMARY.md").read_text()
-ORDER = ["readers", "data_build", "loader", "neighbor_scatter", "trainer", "finetune", "screening", "gpu_acceptance"]
+ORDER = ["readers", "data_build", "data_scale", "loader", "neighbor_scatter", "trainer", "finetune", "screening",
+         "gpu_acceptance"]
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ SPLIT_BY = ("group", "reduced_formula")
 EXCLUDE_MATCH = ("exact", "structural")
 RUNTIME_FIELDS = ("out", "executor", "ray_address", "num_workers", "force", "keep_work")
 EXECUTORS = ("ray", "inline")
+DEFAULT_DEDUP_GROUP_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class MatcherConfig:
     angle_tol: float = 5.0
     primitive_cell: bool = True
     scale: bool = True
-    symprec: float = 0.1  # spglib tolerance for the space-group bucket
+    symprec: float = 0.1  # spglib tolerance; kept for config compatibility (matching buckets by shape now, see dedup.py)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "MatcherConfig":
@@ -119,6 +120,12 @@ class BuildConfig:
     # not stored, and the key is left out of the config record (shards, manifest and fingerprint
     # of a build without it are those of a build before the option existed).
     pdd_k: int | None = None
+    # Structural matching: a (reduced formula) bucket of more records than this is cut into pieces of
+    # whole shape bins, matched in parallel, and their representatives compared across pieces
+    # (dedup.py). The cut depends only on the data and this number, never on the worker count. Left
+    # out of the config record at its default (a build of data without near-duplicates writes the
+    # manifest it wrote before the option existed).
+    dedup_group_size: int = DEFAULT_DEDUP_GROUP_SIZE
     # runtime fields (do not change the output bytes)
     out: str = "shards"
     executor: str = "ray"  # "inline" runs the same stages in this process without Ray
@@ -147,6 +154,8 @@ class BuildConfig:
             raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
         if self.pdd_k is not None and (isinstance(self.pdd_k, bool) or not isinstance(self.pdd_k, int) or self.pdd_k < 1):
             raise ConfigError(f"pdd_k must be a positive integer (PDDFormer: 92) or null, got {self.pdd_k!r}")
+        if isinstance(self.dedup_group_size, bool) or not isinstance(self.dedup_group_size, int) or self.dedup_group_size < 2:
+            raise ConfigError(f"dedup_group_size must be an integer of at least 2, got {self.dedup_group_size!r}")
         if self.num_workers is not None and self.num_workers < 1:
             raise ConfigError(f"num_workers must be positive, got {self.num_workers}")
         names = [s.name for s in self.sources + self.exclude]
@@ -196,6 +205,8 @@ class BuildConfig:
         out["exclude"] = [dataclasses.asdict(s) for s in self.exclude]
         if out["pdd_k"] is None:
             del out["pdd_k"]  # off: the record of the config is the one from before the option
+        if out["dedup_group_size"] == DEFAULT_DEDUP_GROUP_SIZE:
+            del out["dedup_group_size"]  # likewise at its default
         return out
 
     def data_dict(self) -> dict:

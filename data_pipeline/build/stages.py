@@ -9,11 +9,14 @@ Stages (each a small function below; `build` runs them in order):
                     rerun after kill -9 skips every chunk already done. Results are consumed in
                     chunk order, so everything downstream sees one deterministic record order.
 3. dedup_stage      on the driver: repeated keys, exact fingerprints and exact matches against
-                    the `exclude` (benchmark test set) structures. Then one Ray task per batch
-                    of (reduced formula) buckets runs spglib + StructureMatcher where needed.
+                    the `exclude` (benchmark test set) structures. Then StructureMatcher where
+                    needed: formula buckets cut into pieces by the parse tasks' shape keys, Ray
+                    tasks per batch of pieces (largest first), then tiles of representative
+                    pairs across pieces, resolved on the driver in global order (dedup.py).
 4. split_stage      sha256(seed:group) → split; a seeded hash order inside each split.
-5. write_stage      shards planned by the target byte size on the driver; one Ray task per shard
-                    writes a deterministic tar (and its statistics) from the chunk files.
+5. write_stage      shards planned by the target byte size on the driver; a shuffle writes them:
+                    map tasks read each chunk file once into spill files in shard order, reduce
+                    tasks write runs of deterministic tars (and statistics) from the spills.
 6. finish           rejects.jsonl, duplicates.jsonl, then manifest.json last, atomically.
 
 Why Ray tasks and not Ray Data: the unit of work here is a chunk of one reader's stream, which is
@@ -44,13 +47,16 @@ from data_pipeline.manifest import (
 )
 from crystalfm_common.atomic import write_bytes_atomic
 from crystalfm_common.provenance import REPO_ROOT, git_commit, git_dirty, package_version
-from data_pipeline.build.shard_writer import BlobWriter, DeterministicTarWriter, read_members, sample_tar_bytes
+from data_pipeline.build.shard_writer import BlobWriter, DeterministicTarWriter, sample_tar_bytes
 
 WORK_DIR = "_work"
 REJECTS_NAME = "rejects.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
-CHUNK_INDEX_VERSION = 2
-BUCKET_BATCH = 256  # candidates per structural-matching task
+CHUNK_INDEX_VERSION = 3  # 3: records carry the shape key (dedup.shape_key) when the build matches structurally
+BUCKET_BATCH = 256  # candidates per phase-1 structural-matching task (small pieces are packed)
+PAIRS_PER_TASK = 1024  # phase-2 comparisons per task (tiles of one split formula bucket are packed)
+DEDUP_VERSION = "shape-1"  # in the digests of matching results, so results of another algorithm are redone
+SPILL_CHUNKS = 16  # chunk files read by one shuffle map task (its spill file holds their kept samples)
 
 
 class BuildError(RuntimeError):
@@ -79,6 +85,7 @@ class RecordMeta:
     chunk: int  # index into the chunk path list
     json_ref: tuple[int, int]  # (offset, size) of the .json bytes in the chunk file
     arrays_ref: tuple[int, int]
+    shape: tuple | None = None  # dedup.shape_key, computed by the parse task when the build matches structurally
 
     def tar_bytes(self) -> int:
         return sample_tar_bytes(self.name, {"json": self.json_ref[1], "safetensors": self.arrays_ref[1]})
@@ -432,13 +439,16 @@ def _entries_digest(items: list) -> str:
 
 
 def parse_stage(state: BuildState, progress: bool, log) -> None:
+    shape_matcher = _asdict(state.config.matcher) if needs_shape_keys(state.config) else None
+
     def jobs():
         for src, number, items in _chunks(state, log):
             spec = state.specs[src]
             path = state.work / "chunks" / f"{src:03d}-{number:07d}"
             digest = _entries_digest(items)
             source = {"kind": spec.kind, "path": spec.path, "options": spec.options, "name": spec.name}
-            yield (src, str(path)), _load_chunk_index(path, digest), parse_chunk, (source, items, str(path), digest, state.config.pdd_k)
+            yield (src, str(path)), _load_chunk_index(path, digest), parse_chunk, (source, items, str(path), digest,
+                                                                                 state.config.pdd_k, shape_matcher)
 
     reused = run_resumable(state.executor, jobs(), lambda tag, index: _absorb_chunk(state, *tag, index),
                            desc="parse (chunks)", unit="chunk", progress=progress, window=2 * state.executor.parallelism + 1)
@@ -472,8 +482,9 @@ def _absorb_chunk(state: BuildState, src: int, path: str, index: dict) -> None:
                 state.rejects.append({"key": key, "source": source, "location": location, "reason": reason})
             continue
         tally.parsed += 1
-        _, name, key, group, formula, fingerprint, num_atoms, jo, js, so, ss = item
-        meta = RecordMeta(name, key, src, group, formula, fingerprint, num_atoms, chunk, (jo, js), (so, ss))
+        _, name, key, group, formula, fingerprint, num_atoms, shape, jo, js, so, ss = item
+        meta = RecordMeta(name, key, src, group, formula, fingerprint, num_atoms, chunk, (jo, js), (so, ss),
+                          tuple(shape) if shape is not None else None)
         (state.refs if is_ref else state.records).append(meta)
 
 
@@ -501,8 +512,10 @@ def _worker_reader(source: dict):
     return _READERS[cache_key]
 
 
-def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | None = None) -> dict:
-    """Ray task: parse + validate + encode one chunk; writes `<path>.bin` then `<path>.json`."""
+def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | None = None,
+                shape_matcher: dict | None = None) -> dict:
+    """Ray task: parse + validate + encode one chunk; writes `<path>.bin` then `<path>.json`.
+    With `shape_matcher` (the build's matcher config) each record also gets its dedup shape key."""
     from data_pipeline.build.readers import Reject
 
     reader = _worker_reader(source)
@@ -512,7 +525,7 @@ def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | 
             if isinstance(item, Reject):
                 out_items.append(["reject", item.key, item.source, item.location, item.reason])
                 continue
-            result = process_entry(reader, item, pdd_k)
+            result = process_entry(reader, item, pdd_k, shape_matcher)
             if isinstance(result, str):
                 out_items.append(["reject", item.key, item.source, item.location, result])
                 continue
@@ -525,9 +538,10 @@ def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | 
     return index
 
 
-def process_entry(reader, entry, pdd_k: int | None = None) -> tuple[dict, list] | str:
-    """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms]) or a reason.
-    With `pdd_k` the sample also stores the crystal's PDD rows (`record.pdd_features`)."""
+def process_entry(reader, entry, pdd_k: int | None = None, shape_matcher: dict | None = None) -> tuple[dict, list] | str:
+    """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms, shape]) or a reason.
+    With `pdd_k` the sample also stores the crystal's PDD rows (`record.pdd_features`); with
+    `shape_matcher` the facts carry the dedup shape key (else None)."""
     from data_pipeline.build.dedup import exact_fingerprint
     from data_pipeline.record import reduced_formula
     from data_pipeline.build.readers import RecordError
@@ -550,7 +564,14 @@ def process_entry(reader, entry, pdd_k: int | None = None) -> tuple[dict, list] 
         return f"non_finite: {exc}" if "non-finite" in str(exc) else f"unparsable: {type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - one bad record never stops a build
         return f"unparsable: {type(exc).__name__}: {exc}"
-    facts = [record.key, record.group, reduced_formula(record.atomic_numbers), exact_fingerprint(record), record.num_atoms]
+    shape = None
+    if shape_matcher is not None:
+        from data_pipeline.build.config import MatcherConfig
+        from data_pipeline.build.dedup import shape_key
+
+        shape = list(shape_key(record, MatcherConfig(**shape_matcher)))
+    facts = [record.key, record.group, reduced_formula(record.atomic_numbers), exact_fingerprint(record), record.num_atoms,
+             shape]
     return sample, facts
 
 
@@ -607,10 +628,18 @@ def dedup_stage(state: BuildState, progress: bool, log) -> None:
             tally.duplicates += 1
 
 
+def needs_shape_keys(config: BuildConfig) -> bool:
+    """Whether the build may run StructureMatcher (then parse tasks compute each record's shape key)."""
+    return any(s.dedup == "structural" for s in config.sources) or (bool(config.exclude) and config.exclude_match == "structural")
+
+
 def structural_matches(state: BuildState, survivors: list[RecordMeta], progress: bool, log) -> list[tuple[str, str, str]]:
-    """Bucket by reduced formula; run StructureMatcher tasks only on buckets that need them."""
+    """Bucket by reduced formula; cut big buckets into pieces by shape (dedup.plan_pieces); match
+    pieces in Ray tasks, largest first (phase 1); compare representatives across the pieces of a
+    cut bucket in tiles (phase 2) and resolve them in global order. [(name, how, matched key)]."""
+    from data_pipeline.build.dedup import UNKNOWN_SHAPE, pair_tiles, plan_pieces, resolve_representatives, shape_tolerance
+
     config = state.config
-    ex = state.executor
     check_exclude = config.exclude_match == "structural" and bool(state.refs)
     buckets: dict[str, list[tuple[str, RecordMeta]]] = {}
     if check_exclude:
@@ -628,36 +657,108 @@ def structural_matches(state: BuildState, survivors: list[RecordMeta], progress:
         # A structural-dedup record needs matching when any record came before it in the bucket.
         return any(state.specs[m.source].dedup == "structural" for m in records[1:])
 
-    work = [(formula, members) for formula, members in buckets.items() if len(members) > 1 and needs_matching(members)]
+    tol = shape_tolerance(config.matcher)
+    shape = lambda m: m.shape if m.shape is not None else UNKNOWN_SHAPE  # noqa: E731
+    pieces = []  # (formula, refs, records of the piece in global order)
+    cut_buckets = []  # (formula, records, piece number of each record)
+    for formula, members in sorted(buckets.items()):
+        if len(members) < 2 or not needs_matching(members):
+            continue
+        refs = [m for role, m in members if role == "ref"]
+        records = [m for role, m in members if role == "record"]
+        cut = plan_pieces([shape(m) for m in records], config.dedup_group_size, tol)
+        piece_of = [0] * len(records)
+        for p, positions in enumerate(cut):
+            for i in positions:
+                piece_of[i] = p
+            pieces.append((formula, refs, [records[i] for i in positions]))
+        if len(cut) > 1:
+            cut_buckets.append((formula, records, piece_of))
+    if not pieces:
+        return []
+
+    # Phase 1: pieces packed into tasks, largest (most comparisons) first; results merged by position.
+    order = sorted(range(len(pieces)), key=lambda p: (-len(pieces[p][2]) * (len(pieces[p][2]) + len(pieces[p][1])), p))
     batches, current, size = [], [], 0
-    for formula, members in sorted(work, key=lambda fm: fm[0]):
-        current.append((formula, members))
-        size += len(members)
+    for p in order:
+        current.append(p)
+        size += len(pieces[p][1]) + len(pieces[p][2])
         if size >= BUCKET_BATCH:
             batches.append(current)
             current, size = [], 0
     if current:
         batches.append(current)
-    if not batches:
-        return []
-
-    matcher = config.matcher
+    matcher = _asdict(config.matcher)
     jobs = []
     for number, batch in enumerate(batches):
-        path = state.work / "buckets" / f"{number:07d}.json"
-        payload = [
-            [[role, m.name, m.key, state.specs[m.source].dedup == "structural", state.chunk_paths[m.chunk], *m.json_ref, *m.arrays_ref]
-             for role, m in members]
-            for _, members in batch
-        ]
-        digest = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-        done = json.loads(path.read_bytes()) if path.exists() else None
-        done = done if done is not None and done.get("digest") == digest else None
-        jobs.append((number, done, match_buckets, (payload, _asdict(matcher), check_exclude, str(path), digest)))
-    results: list[tuple[str, str, str]] = []
-    run_resumable(ex, jobs, lambda _, result: results.extend(tuple(x) for x in result["dropped"]),
-                  desc="dedup (formula buckets)", unit="batch", progress=progress)
-    return results
+        payload = [[[_member(state, m) for m in pieces[p][1]], [_member(state, m) for m in pieces[p][2]]] for p in batch]
+        jobs.append(_matching_job(state, f"p{number:07d}", payload, match_pieces_task, matcher, check_exclude, batch))
+    dropped_at: dict[int, tuple[str, str]] = {}  # id(record meta) → (how, matched key)
+    stats = {"tasks": 0, "fits": 0, "max_fits": 0}
+
+    def absorb_pieces(batch, result) -> None:
+        for (k, i, how, j) in result["dropped"]:
+            _, refs, records = pieces[batch[k]]
+            dropped_at[id(records[i])] = (how, refs[j].key if how == "excluded" else records[j].key)
+        _count(stats, result)
+
+    run_resumable(state.executor, jobs, absorb_pieces, desc="dedup (pieces)", unit="task", progress=progress)
+
+    # Phase 2: representatives of different pieces of a cut bucket, compared in tiles.
+    resolve = []
+    jobs = []
+    for formula, records, piece_of in sorted(cut_buckets, key=lambda b: (-len(b[1]), b[0])):
+        reps = [i for i, m in enumerate(records) if id(m) not in dropped_at]
+        structural = [state.specs[m.source].dedup == "structural" for m in records]
+        shapes = [shape(m) for m in records]
+        resolve.append((records, reps, structural, set()))
+        packed: list[tuple[int, int]] = []
+        for tile in pair_tiles(reps, shapes, piece_of, structural, tol) + [None]:
+            if packed and (tile is None or len(packed) + len(tile) > PAIRS_PER_TASK):
+                involved = sorted({i for pair in packed for i in pair})
+                at = {i: k for k, i in enumerate(involved)}
+                payload = [[_member(state, records[i]) for i in involved], [[at[a], at[b]] for a, b in packed]]
+                jobs.append(_matching_job(state, f"t{len(jobs):07d}", payload, match_pairs_task, matcher, False,
+                                          (len(resolve) - 1, involved)))
+                packed = []
+            if tile is not None:
+                packed.extend(tile)
+
+    def absorb_pairs(tag, result) -> None:
+        bucket, involved = tag
+        for a, b in result["fits"]:
+            resolve[bucket][3].add((involved[a], involved[b]))
+        _count(stats, result)
+
+    if jobs:
+        run_resumable(state.executor, jobs, absorb_pairs, desc="dedup (merge tiles)", unit="task", progress=progress)
+    for records, reps, structural, fits in resolve:
+        for b, a in resolve_representatives(reps, structural, fits):
+            dropped_at[id(records[b])] = ("structural", records[a].key)
+
+    log(f"dedup: {stats['fits']} structure comparisons in {stats['tasks']} task(s) over {len(pieces)} piece(s) "
+        f"({len(cut_buckets)} formula bucket(s) cut); most in one task: {stats['max_fits']}")
+    return [(m.name, *dropped_at[id(m)]) for m in survivors if id(m) in dropped_at]
+
+
+def _member(state: BuildState, m: RecordMeta) -> list:
+    """What a matching task needs of one structure: where its bytes are, its role and shape."""
+    return [m.name, state.specs[m.source].dedup == "structural", state.chunk_paths[m.chunk], *m.json_ref, *m.arrays_ref,
+            list(m.shape) if m.shape is not None else None]
+
+
+def _matching_job(state: BuildState, name: str, payload: list, fn, matcher: dict, check_exclude: bool, tag):
+    path = state.work / "buckets" / f"{name}.json"
+    digest = hashlib.sha256(json.dumps([DEDUP_VERSION, matcher, check_exclude, payload]).encode()).hexdigest()
+    done = json.loads(path.read_bytes()) if path.exists() else None
+    done = done if done is not None and done.get("digest") == digest else None
+    return tag, done, fn, (payload, matcher, check_exclude, str(path), digest)
+
+
+def _count(stats: dict, result: dict) -> None:
+    stats["tasks"] += 1
+    stats["fits"] += result["fits_run"]
+    stats["max_fits"] = max(stats["max_fits"], result["fits_run"])
 
 
 def _asdict(obj) -> dict:
@@ -666,24 +767,52 @@ def _asdict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def match_buckets(payload: list, matcher: dict, check_exclude: bool, path: str, digest: str) -> dict:
-    """Ray task: StructureMatcher within each bucket; writes its result file for resume."""
-    from data_pipeline.build.config import MatcherConfig
-    from data_pipeline.build.dedup import Candidate, match_bucket
+def _candidates(members: list, role: str) -> list:
+    from data_pipeline.build.dedup import Candidate
     from data_pipeline.shard_format import decode_sample
 
-    matcher_cfg = MatcherConfig(**matcher)
-    dropped = []
-    for members in payload:
-        candidates = []
-        for role, name, key, structural, tar, jo, js, so, ss in members:
-            raw_json, raw_arrays = read_members(tar, [("json", jo, js), ("safetensors", so, ss)])
+    out = []
+    for name, structural, tar, jo, js, so, ss, shape in members:
+        with open(tar, "rb") as handle:
+            raw_json, raw_arrays = _read_exact(handle, tar, name, jo, js), _read_exact(handle, tar, name, so, ss)
+        try:
             record = decode_sample({"__key__": name, "json": raw_json, "safetensors": raw_arrays})
-            candidates.append(Candidate(name=name, role=role, structural=structural, record=record))
-        keys = {c.name: c.record.key for c in candidates}
-        for name, how, matched in match_bucket(candidates, matcher_cfg, check_exclude):
-            dropped.append([name, how, keys[matched]])
-    result = {"digest": digest, "dropped": dropped}
+        except Exception as exc:  # noqa: BLE001 - a damaged work file: say which file and record
+            raise BuildError(f"work file {tar}: record {name!r} cannot be decoded for matching "
+                             f"({type(exc).__name__}: {exc}); rerun with --force to rebuild it") from exc
+        out.append(Candidate(name=name, role=role, structural=structural, record=record,
+                             shape=tuple(shape) if shape is not None else None))
+    return out
+
+
+def match_pieces_task(payload: list, matcher: dict, check_exclude: bool, path: str, digest: str) -> dict:
+    """Ray task, phase 1: each piece against its formula's references and its own representatives;
+    writes its result file for resume. dropped: [piece in batch, record, how, matched ref/record]."""
+    from data_pipeline.build.config import MatcherConfig
+    from data_pipeline.build.dedup import PairMatcher, match_piece
+
+    pm = PairMatcher(MatcherConfig(**matcher))
+    dropped = []
+    for k, (refs, records) in enumerate(payload):
+        refs_c, records_c = _candidates(refs, "ref"), _candidates(records, "record")
+        pm._reduced.clear()
+        pm._shapes.clear()
+        dropped.extend([k, i, how, j] for i, how, j in match_piece(records_c, refs_c, check_exclude, pm))
+    result = {"digest": digest, "dropped": dropped, "fits_run": pm.fits}
+    write_bytes_atomic(path, dumps(result))
+    return result
+
+
+def match_pairs_task(payload: list, matcher: dict, _check_exclude: bool, path: str, digest: str) -> dict:
+    """Ray task, phase 2: which (earlier a, later b) pairs of representatives fit (b onto a)."""
+    from data_pipeline.build.config import MatcherConfig
+    from data_pipeline.build.dedup import PairMatcher
+
+    members, pairs = payload
+    pm = PairMatcher(MatcherConfig(**matcher))
+    structures = _candidates(members, "record")
+    fits = [[a, b] for a, b in pairs if pm.fit(b, structures[b], a, structures[a])]
+    result = {"digest": digest, "fits": fits, "fits_run": pm.fits}
     write_bytes_atomic(path, dumps(result))
     return result
 
@@ -720,40 +849,143 @@ def plan_shards(state: BuildState) -> list[tuple[str, str, list[RecordMeta]]]:
 
 
 def write_stage(state: BuildState, progress: bool, log) -> list[dict]:
+    """Shards through a shuffle, so no task opens every chunk file for every shard.
+
+    Map tasks (`spill_chunks`): each reads SPILL_CHUNKS consecutive chunk files once, front to
+    back, and writes one spill file holding their kept samples ordered by (shard, position in
+    shard). Reduce tasks (`write_shards`): each writes a contiguous run of shards, opening every
+    spill file once and reading one contiguous range of it per shard. File opens are chunks +
+    maps + maps × reducers (reducers ≤ 2 × workers) instead of Σ over shards of the chunks they
+    draw from (≈ shards × chunks). The driver computes every offset, so a shard's bytes depend
+    only on the plan: they are the bytes the direct copy wrote, for any number of workers.
+    """
     from data_pipeline.shard_format import index_path
 
-    jobs = []
-    for split, file_name, metas in plan_shards(state):
+    plan = plan_shards(state)
+    infos: dict[str, dict] = {}
+    pending = []  # (shard number, split, file name, metas, digest)
+    for number, (split, file_name, metas) in enumerate(plan):
         refs = [[state.chunk_paths[m.chunk], m.name, *m.json_ref, *m.arrays_ref] for m in metas]
-        digest = hashlib.sha256(json.dumps(refs).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(refs).encode()).hexdigest()  # the shard's content, layout-free
         sidecar = state.work / "shards" / f"{file_name}.json"
         target = state.out / file_name
-        done = None
         if sidecar.exists() and target.exists() and Path(index_path(str(target))).exists():
             info = json.loads(sidecar.read_bytes())
             if info.get("digest") == digest and info.get("bytes") == target.stat().st_size and "index" in info:
-                done = info
-        jobs.append((file_name, done, write_shard, (refs, str(target), str(sidecar), split, digest)))
-    infos: list[dict] = []
-    run_resumable(state.executor, jobs, lambda _, info: infos.append(info), desc="write (shards)", unit="shard",
-                  progress=progress)
-    return infos
+                infos[file_name] = info
+                continue
+        pending.append((number, split, file_name, metas, digest))
+    if pending:
+        _shuffle_write(state, plan, pending, infos, progress)
+        if not state.config.keep_work:
+            shutil.rmtree(state.work / "spill", ignore_errors=True)
+    return [infos[file_name] for _, file_name, _ in plan]
 
 
-def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str) -> dict:
-    """Ray task: copy encoded samples from chunk files into one deterministic shard tar."""
+def _shuffle_write(state: BuildState, plan: list, pending: list, infos: dict, progress: bool) -> None:
+    spill_dir = state.work / "spill"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    # Every kept sample's place: map task (by its chunk) and (shard, position) order inside the map.
+    placed: dict[int, list[tuple[int, int, RecordMeta]]] = {}
+    for number, (_, _, metas) in enumerate(plan):
+        for position, m in enumerate(metas):
+            placed.setdefault(m.chunk // SPILL_CHUNKS, []).append((number, position, m))
+    where: dict[int, tuple[str, int]] = {}  # id(meta) → (spill path, offset of its json bytes)
+    map_jobs: dict[int, tuple] = {}
+    for spill in sorted(placed):
+        rows = sorted(placed[spill], key=lambda t: (t[0], t[1]))
+        path = str(spill_dir / f"{spill:07d}.bin")
+        reads, offset = [], 0
+        for _, _, m in rows:
+            where[id(m)] = (path, offset)
+            reads.append([state.chunk_paths[m.chunk], m.name, *m.json_ref, *m.arrays_ref])
+            offset += m.json_ref[1] + m.arrays_ref[1]
+        digest = hashlib.sha256(json.dumps([path, reads]).encode()).hexdigest()
+        sidecar = Path(f"{path}.json")
+        done = json.loads(sidecar.read_bytes()) if sidecar.exists() and Path(path).exists() else None
+        if done is not None and (done.get("digest") != digest or Path(path).stat().st_size != offset):
+            done = None
+        map_jobs[spill] = (spill, done, spill_chunks, (reads, path, digest))
+    needed = sorted({m.chunk // SPILL_CHUNKS for _, _, _, metas, _ in pending for m in metas})
+    run_resumable(state.executor, [map_jobs[k] for k in needed], lambda *_: None, desc="write (shuffle map)",
+                  unit="spill", progress=progress)
+
+    reducers = max(1, min(len(pending), 2 * state.executor.parallelism))
+    per = -(-len(pending) // reducers)
+    jobs = []
+    for start in range(0, len(pending), per):
+        shards = []
+        for _, split, file_name, metas, digest in pending[start:start + per]:
+            refs = []
+            for m in metas:
+                path, offset = where[id(m)]
+                refs.append([path, m.name, offset, m.json_ref[1], offset + m.json_ref[1], m.arrays_ref[1]])
+            shards.append([refs, str(state.out / file_name), str(state.work / "shards" / f"{file_name}.json"), split, digest])
+        jobs.append((start, None, write_shards, (shards,)))
+    run_resumable(state.executor, jobs, lambda _, result: infos.update((info["file"], info) for info in result),
+                  desc="write (shards)", unit="reducer", progress=progress)
+
+
+def spill_chunks(reads: list, path: str, digest: str) -> dict:
+    """Ray task (shuffle map): copy samples from chunk files into one spill file, in the given order,
+    reading each chunk file once front to back; a sidecar marks it done."""
+    by_chunk: dict[str, list[int]] = {}
+    for i, (chunk, *_) in enumerate(reads):
+        by_chunk.setdefault(chunk, []).append(i)
+    data: list[bytes] = [b""] * len(reads)
+    for chunk, positions in by_chunk.items():
+        positions.sort(key=lambda i: reads[i][2])
+        with open(chunk, "rb") as handle:
+            for i in positions:
+                _, name, jo, js, so, ss = reads[i]
+                data[i] = _read_exact(handle, chunk, name, jo, js) + _read_exact(handle, chunk, name, so, ss)
+    with BlobWriter(path) as blob:
+        for item in data:
+            blob.write(item)
+        blob.close()
+    result = {"digest": digest, "samples": len(reads)}
+    write_bytes_atomic(f"{path}.json", dumps(result))
+    return result
+
+
+def _read_exact(handle, path: str, name: str, offset: int, size: int) -> bytes:
+    """size bytes at offset, or an error naming the work file and the record (a truncated file)."""
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) != size:
+        raise BuildError(f"work file {path} is truncated: record {name!r} needs bytes {offset}..{offset + size}, "
+                         f"got {len(data)}; rerun with --force to rebuild it")
+    return data
+
+
+def write_shards(shards: list) -> list[dict]:
+    """Ray task (shuffle reduce): write a run of shards, each spill file opened once for all of them."""
+    handles: dict = {}
+    try:
+        return [write_shard(*shard, handles) for shard in shards]
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def write_shard(refs: list, target: str, sidecar: str, split: str, digest: str, handles: dict | None = None) -> dict:
+    """Copy encoded samples, located by [file, name, json offset, size, arrays offset, size], into
+    one deterministic shard tar (+ its index and statistics). handles: open files to reuse."""
     from data_pipeline.shard_format import ARRAYS_EXT, JSON_EXT, decode_sample, index_file_bytes, index_path
 
-    by_chunk: dict[str, list[int]] = {}
+    handles = {} if handles is None else handles
+    by_file: dict[str, list[int]] = {}
     for i, ref in enumerate(refs):
-        by_chunk.setdefault(ref[0], []).append(i)
+        by_file.setdefault(ref[0], []).append(i)
     samples: list[dict | None] = [None] * len(refs)
-    for tar, positions in by_chunk.items():
-        positions.sort(key=lambda i: refs[i][2])  # read each chunk file front to back
-        wanted = [(m, off, size) for i in positions for m, off, size in (("json", refs[i][2], refs[i][3]), ("st", refs[i][4], refs[i][5]))]
-        data = iter(read_members(tar, wanted))
-        for i in positions:
-            samples[i] = {"__key__": refs[i][1], "json": next(data), "safetensors": next(data)}
+    for path, positions in by_file.items():
+        if path not in handles:
+            handles[path] = open(path, "rb")
+        handle = handles[path]
+        for i in sorted(positions, key=lambda i: refs[i][2]):  # read front to back
+            _, name, jo, js, so, ss = refs[i]
+            samples[i] = {"__key__": name, "json": _read_exact(handle, path, name, jo, js),
+                          "safetensors": _read_exact(handle, path, name, so, ss)}
     stats = ShardStats()
     rows = []  # the shard's index (shard_format.INDEX_COLUMNS), so loaders need not scan the tar
     with DeterministicTarWriter(target) as writer:
