@@ -23,6 +23,7 @@ class CSRGraph:
     _by_sender: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _uniform: int | None | bool = field(default=False, repr=False)  # False: not computed yet
     _chunks: dict = field(default_factory=dict, repr=False, compare=False)
+    _by_row: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_offsets(cls, senders: torch.Tensor, offsets: torch.Tensor) -> "CSRGraph":
@@ -80,6 +81,20 @@ class CSRGraph:
             offsets[1:] = torch.cumsum(counts, 0)
             self._by_sender = (perm, offsets)
         return self._by_sender
+
+    def by_row(self, edge_index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_perm [E], row_offsets [R + 1]) for an edge → table-row map (edge e reads row
+        edge_index[e], e.g. its distinct length): edge ids sorted stably by row, so the kernels sum
+        each row's gradient over its edges in a fixed order. Cached per index tensor (every layer of
+        one forward passes the same one)."""
+        key = (edge_index.data_ptr(), edge_index.numel(), num_rows, str(edge_index.device))
+        if key not in self._by_row:
+            perm = torch.sort(edge_index, stable=True).indices
+            counts = torch.bincount(edge_index, minlength=num_rows)
+            offsets = torch.zeros(num_rows + 1, dtype=torch.long, device=edge_index.device)
+            offsets[1:] = torch.cumsum(counts, 0)
+            self._by_row = {key: (perm, offsets)}  # one index per graph at a time
+        return self._by_row[key]
 
     # --- helpers for the chunked CPU backend (host-side ints, cached) -------------------------
 
