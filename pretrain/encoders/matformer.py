@@ -64,17 +64,18 @@ class MatformerLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph, edge_index: torch.Tensor | None = None,
-        embed: nn.Module | None = None, fused: bool = False,
+        embed: nn.Module | None = None, fused: bool = False, edge_count: torch.Tensor | None = None,
     ):
         """e: edge features [U, d] (rows per distinct length, edge_index [E]) or [E, d]; with `embed`,
         e is the raw lengths [E] and embed(lengths) → [E, d] runs inside the fused op, per chunk.
-        fused: the edge linears' rows are gathered inside the aggregation (no E×H·d tensor)."""
+        fused: the edge linears' rows are gathered inside the aggregation (no E×H·d tensor);
+        edge_count [E]: multiplicities of merged identical edges (`CSRGraph.merge_parallel`), gated only."""
         n, H, d = h.shape[0], self.heads, self.width
         q, k, v = self.query(h), self.key(h), self.value(h)  # [N, H·d]
         if fused and self.aggregation == "gated":
             if embed is None:  # tables [U, H·d]: the gather happens inside the kernel
                 m = gated_aggregate_edges(
-                    q * self.gate_scale, k, v, self.key_edge(e), self.value_edge(e), edge_index, graph
+                    q * self.gate_scale, k, v, self.key_edge(e), self.value_edge(e), edge_index, graph, edge_count
                 )  # [N, H·d]
             else:  # per-edge lengths: RBF → MLP → key/value linears per chunk inside the op
 
@@ -150,9 +151,13 @@ class MatformerEncoder(Encoder):
         # the edge MLPs run once per distinct length ([U, d]); fused without a table, inside each layer
         per_chunk = self.edge_fusion and edge_index is None
         e, embed = (lengths, self.edge_embedding) if per_chunk else (self.edge_embedding(lengths), None)
+        count = None
+        if self.edge_fusion and edge_index is not None and self.layers[0].aggregation == "gated":
+            # identical messages (an image of one sender at one distance) are summed once, times their count
+            graph, edge_index, count = graph.merge_parallel(edge_index, lengths.numel())  # E' ≈ E / 1.4 on MP-20
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            args = (h, e, graph, edge_index, embed, self.edge_fusion)
+            args = (h, e, graph, edge_index, embed, self.edge_fusion, count)
             if recompute:
                 h = checkpoint(layer, *args, use_reentrant=False)  # [N, d]
             else:

@@ -80,14 +80,17 @@ class NodeAttentionLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph, edge_index: torch.Tensor | None = None,
-        embed: nn.Module | None = None, fused: bool = False,
+        embed: nn.Module | None = None, fused: bool = False, edge_count: torch.Tensor | None = None,
     ):
         """With `embed`, e is the raw lengths [E] and embed(lengths) runs inside the fused op per chunk.
-        fused: the K, V edge-MLP rows are gathered (or computed) inside the aggregation, no E×d tensor."""
+        fused: the K, V edge-MLP rows are gathered (or computed) inside the aggregation, no E×d tensor;
+        edge_count [E]: multiplicities of merged identical edges (`CSRGraph.merge_parallel`)."""
         q = self.query(h) * self.gate_scale  # [N, d]
         k, v = self.key(h), self.value(h)  # [N, d]
         if fused and embed is None:  # tables [U, d] gathered inside the kernel
-            m = gated_aggregate_edges(q, k, v, self.key_edge(e), self.value_edge(e), edge_index, graph)  # [N, d]
+            m = gated_aggregate_edges(
+                q, k, v, self.key_edge(e), self.value_edge(e), edge_index, graph, edge_count
+            )  # [N, d]
             return F.silu(h + self.update(self.norm(self.concat(m))))  # [N, d]
         if fused:  # per-edge lengths: RBF → Linear → Softplus → K, V MLPs per chunk inside the op
 
@@ -210,9 +213,13 @@ class PDDFormerEncoder(Encoder):
         # the edge MLPs run once per distinct length ([U, d]); fused without a table, inside each layer
         per_chunk = self.edge_fusion and edge_index is None
         e, embed = (lengths, self.edge_embedding) if per_chunk else (self.edge_embedding(lengths), None)
+        count = None
+        if self.edge_fusion and edge_index is not None:
+            # identical messages (an image of one sender at one distance) are summed once, times their count
+            graph, edge_index, count = graph.merge_parallel(edge_index, lengths.numel())  # E' ≈ E / 1.5 on MP-20
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.attention):
-            args = (h, e, graph, edge_index, embed, self.edge_fusion)
+            args = (h, e, graph, edge_index, embed, self.edge_fusion, count)
             if recompute:
                 h = checkpoint(layer, *args, use_reentrant=False)  # [N, d]
             else:

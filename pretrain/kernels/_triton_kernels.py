@@ -239,8 +239,8 @@ def _edge_rows(idx_ptr, eids, emask, HAS_INDEX: tl.constexpr):
 
 @triton.jit
 def gated_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, senders_ptr, offsets_ptr, out_ptr, d, scale,
-    HAS_INDEX: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, cnt_ptr, senders_ptr, offsets_ptr, out_ptr, d, scale,
+    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -260,6 +260,8 @@ def gated_fwd_kernel(
         kij += tl.load(ke_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij = tl.load(v_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij += tl.load(ve_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if HAS_COUNT:  # merged identical edges: the message counts c_e times
+            vij = vij * tl.load(cnt_ptr + eids, mask=emask, other=0.0).to(ACC)[:, None]
         acc += tl.sum(_sigmoid(qi[None, :] * kij) * vij, axis=0)  # masked lanes have v_ij = 0
         e0 += BLOCK_E
     tl.store(out_ptr + i * d + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -267,8 +269,8 @@ def gated_fwd_kernel(
 
 @triton.jit
 def gated_bwd_dst_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, g_ptr, senders_ptr, offsets_ptr, dq_ptr, d, scale,
-    HAS_INDEX: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, cnt_ptr, g_ptr, senders_ptr, offsets_ptr, dq_ptr, d, scale,
+    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq_i = scale Σ_e dz_e ⊙ k_ij,  dz_e = g_i ⊙ v_ij ⊙ σ(z)(1 - σ(z))."""
     i = tl.program_id(0).to(tl.int64)
@@ -291,6 +293,8 @@ def gated_bwd_dst_kernel(
         vij = tl.load(v_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij += tl.load(ve_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         gate = _sigmoid(qi[None, :] * kij)
+        if HAS_COUNT:
+            vij = vij * tl.load(cnt_ptr + eids, mask=emask, other=0.0).to(ACC)[:, None]
         dz = gi[None, :] * vij * gate * (1.0 - gate)  # [BE, BD], 0 on masked lanes (v_ij = 0)
         acc += tl.sum(dz * kij, axis=0)
         e0 += BLOCK_E
@@ -299,9 +303,9 @@ def gated_bwd_dst_kernel(
 
 @triton.jit
 def gated_bwd_src_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, g_ptr, receivers_ptr, perm_ptr, sender_offsets_ptr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, cnt_ptr, g_ptr, receivers_ptr, perm_ptr, sender_offsets_ptr,
     dk_ptr, dv_ptr, dke_ptr, dve_ptr, d, scale,
-    HAS_INDEX: tl.constexpr, STORE_EDGE: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, STORE_EDGE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per sender j: dv_ij = g_i ⊙ σ(z), dk_ij = scale dz_e ⊙ q_i; summed into dk_j / dv_j and,
@@ -325,6 +329,8 @@ def gated_bwd_src_kernel(
         m2 = pmask[:, None] & cmask[None, :]
         qr = tl.load(q_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC) * scale
         gr = tl.load(g_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)  # 0 on masked lanes
+        if HAS_COUNT:  # c_e g_i: the edge's message counts c_e times
+            gr = gr * tl.load(cnt_ptr + eids, mask=pmask, other=0.0).to(ACC)[:, None]
         kij = kj[None, :] + tl.load(ke_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij = vj[None, :] + tl.load(ve_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         gate = _sigmoid(qr * kij)
@@ -342,9 +348,9 @@ def gated_bwd_src_kernel(
 
 @triton.jit
 def gated_bwd_row_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, g_ptr, senders_ptr, receivers_ptr, row_perm_ptr, row_offsets_ptr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, cnt_ptr, g_ptr, senders_ptr, receivers_ptr, row_perm_ptr, row_offsets_ptr,
     dke_ptr, dve_ptr, d, scale,
-    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per table row r (a distinct edge length): dk_table[r] = Σ_{e: idx_e = r} dk_ij and dv_table[r]
     likewise, walking r's edges through `row_perm` (stable sort of the index) and recomputing the
@@ -368,6 +374,8 @@ def gated_bwd_row_kernel(
         m2 = pmask[:, None] & cmask[None, :]
         qr = tl.load(q_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC) * scale
         gr = tl.load(g_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)  # 0 on masked lanes
+        if HAS_COUNT:
+            gr = gr * tl.load(cnt_ptr + eids, mask=pmask, other=0.0).to(ACC)[:, None]
         kij = ke[None, :] + tl.load(k_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij = ve[None, :] + tl.load(v_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         gate = _sigmoid(qr * kij)

@@ -198,21 +198,29 @@ def _edge_rows(table: torch.Tensor, index: torch.Tensor | None, c: "_Chunk") -> 
     return table.index_select(0, index[c.e0 : c.e1])
 
 
-def _gated_chunk_forward(c: "_Chunk", q_scaled, k, v, k_edge, v_edge):
-    """Σ over the chunk's edges of σ(q_i ⊙ k_ij) ⊙ v_ij → [Rc, d] (q already scaled by 1/√d)."""
+def _gated_chunk_forward(c: "_Chunk", q_scaled, k, v, k_edge, v_edge, count=None):
+    """Σ over the chunk's edges of c_e σ(q_i ⊙ k_ij) ⊙ v_ij → [Rc, d] (q already scaled by 1/√d;
+    count: the chunk's edge multiplicities [Ec, 1] or None)."""
     k_ij = k.index_select(0, c.senders).add_(k_edge)  # [Ec, d]
     gate = c.mul_by_receiver(k_ij, q_scaled, out=k_ij).sigmoid_()
     messages = gate.mul_(v.index_select(0, c.senders).add_(v_edge))
+    if count is not None:
+        messages.mul_(count)
     return c.segment_sum(messages)  # [Rc, d]
 
 
-def _gated_chunk_backward(c: "_Chunk", grad, q_scaled, k, v, k_edge, v_edge, scale, dq, dke_out=None, dve_out=None):
+def _gated_chunk_backward(
+    c: "_Chunk", grad, q_scaled, k, v, k_edge, v_edge, scale, dq, dke_out=None, dve_out=None, count=None
+):
     """One chunk of the gated backward: writes dq rows r0:r1 and returns (dk_ij, dv_ij) [Ec, d]
-    (into dke_out / dve_out when given)."""
+    (into dke_out / dve_out when given). count: edge multiplicities [Ec, 1] or None."""
     k_ij = k.index_select(0, c.senders).add_(k_edge)  # [Ec, d]
     v_ij = v.index_select(0, c.senders).add_(v_edge)
     gate = c.mul_by_receiver(k_ij, q_scaled).sigmoid_()
     dve = c.mul_by_receiver(gate, grad, out=dve_out)  # dv_ij = g_i ⊙ σ
+    if count is not None:
+        v_ij.mul_(count)  # c_e v_ij: the gate's gradient counts the edge c_e times
+        dve.mul_(count)
     dz = gate.mul_(1.0 - gate).mul_(v_ij)  # [Ec, d] σ(1-σ) ⊙ v_ij (reuses gate's memory)
     dz = c.mul_by_receiver(dz, grad, out=dz)  # ∂L/∂z
     dq[c.r0 : c.r1] = c.segment_sum(dz * k_ij) * scale
@@ -226,23 +234,26 @@ class _GatedAggregate(torch.autograd.Function):
     and the table gradients are summed with `index_add_` chunk after chunk (a fixed order)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_table, v_table, index, graph: CSRGraph):
+    def forward(ctx, q, k, v, k_table, v_table, index, count, graph: CSRGraph):
         n, d = q.shape
         scale = 1.0 / math.sqrt(d)
         chunks = _chunks(graph, d)
         out = q.new_zeros(n, d)  # [N, d]
         q_scaled = q * scale  # [N, d]
+        if count is not None:
+            count = count.to(q.dtype).unsqueeze(-1)  # [E, 1]
         for c in chunks:
             k_edge, v_edge = _edge_rows(k_table, index, c), _edge_rows(v_table, index, c)  # [Ec, d]
-            out[c.r0 : c.r1] = _gated_chunk_forward(c, q_scaled, k, v, k_edge, v_edge)
-        ctx.save_for_backward(q, k, v, k_table, v_table, index)
+            cnt = None if count is None else count[c.e0 : c.e1]
+            out[c.r0 : c.r1] = _gated_chunk_forward(c, q_scaled, k, v, k_edge, v_edge, cnt)
+        ctx.save_for_backward(q, k, v, k_table, v_table, index, count)
         ctx.graph, ctx.chunks = graph, chunks
         return out
 
     @staticmethod
     @once_differentiable  # double backward (force training) is refused loudly: use 'native'
     def backward(ctx, grad):
-        q, k, v, k_table, v_table, index = ctx.saved_tensors
+        q, k, v, k_table, v_table, index, count = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         per_edge = index is None
@@ -252,28 +263,29 @@ class _GatedAggregate(torch.autograd.Function):
         q_scaled = q * scale  # [N, d]
         for c in ctx.chunks:
             k_edge, v_edge = _edge_rows(k_table, index, c), _edge_rows(v_table, index, c)
+            cnt = None if count is None else count[c.e0 : c.e1]
             if per_edge:
                 dke, dve = _gated_chunk_backward(
-                    c, grad, q_scaled, k, v, k_edge, v_edge, scale, dq, dkt[c.e0 : c.e1], dvt[c.e0 : c.e1]
+                    c, grad, q_scaled, k, v, k_edge, v_edge, scale, dq, dkt[c.e0 : c.e1], dvt[c.e0 : c.e1], cnt
                 )
             else:
-                dke, dve = _gated_chunk_backward(c, grad, q_scaled, k, v, k_edge, v_edge, scale, dq)
+                dke, dve = _gated_chunk_backward(c, grad, q_scaled, k, v, k_edge, v_edge, scale, dq, count=cnt)
                 rows = index[c.e0 : c.e1]
                 dkt.index_add_(0, rows, dke)
                 dvt.index_add_(0, rows, dve)
             dk.index_add_(0, c.senders, dke)
             dv.index_add_(0, c.senders, dve)
-        return dq, dk, dv, dkt, dvt, None, None
+        return dq, dk, dv, dkt, dvt, None, None, None
 
 
 @torch.compiler.disable  # a Python loop over chunks: keep dynamo from unrolling it
 def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
-    return _GatedAggregate.apply(q, k, v, k_edge, v_edge, None, graph)
+    return _GatedAggregate.apply(q, k, v, k_edge, v_edge, None, None, graph)
 
 
 @torch.compiler.disable
-def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph):
-    return _GatedAggregate.apply(q, k, v, k_table, v_table, edge_index, graph)
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
+    return _GatedAggregate.apply(q, k, v, k_table, v_table, edge_index, edge_count, graph)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,5 +355,5 @@ def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGra
         # one row per distinct length: the MLP on R ≪ E rows with plain autograd (a small [R, d]
         # table), then the gather fused into the sum: still no E×d tensor
         k_table, v_table = edge_fn(edge_input)
-        return _GatedAggregate.apply(q, k, v, k_table, v_table, edge_index, graph)
+        return _GatedAggregate.apply(q, k, v, k_table, v_table, edge_index, None, graph)
     return _GatedAggregateEdgeMLP.apply(q, k, v, edge_input, graph, edge_fn, *params)

@@ -91,12 +91,17 @@ def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph, backend: str | Non
     return _impl(backend, q.device, k_edge.numel()).gated_aggregate(q, k, v, k_edge, v_edge, graph)
 
 
-def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, backend: str | None = None):
+def gated_aggregate_edges(
+    q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None, backend: str | None = None
+):
     """`gated_aggregate` with edge features gathered inside the op from a table: edge e uses row
-    edge_index[e] of k_table, v_table [R, d] (one row per distinct edge length; None: R = E).
+    edge_index[e] of k_table, v_table [R, d] (one row per distinct edge length; None: R = E), and its
+    message counts edge_count[e] times (merged identical edges; None: once).
     No E×d tensor is built by the fused backends, forward or backward. → [N, d]"""
     e_elements = graph.num_edges * q.shape[-1]
-    return _impl(backend, q.device, e_elements).gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph)
+    return _impl(backend, q.device, e_elements).gated_aggregate_edges(
+        q, k, v, k_table, v_table, edge_index, graph, edge_count
+    )
 
 
 def gated_aggregate_edge_mlp(

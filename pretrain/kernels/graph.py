@@ -96,6 +96,28 @@ class CSRGraph:
             self._by_row = {key: (perm, offsets)}  # one index per graph at a time
         return self._by_row[key]
 
+    def merge_parallel(self, edge_index: torch.Tensor, num_rows: int):
+        """Merge edges that carry the same message: same receiver, same sender, same table row.
+
+        When every edge feature is a function of the edge length (row edge_index[e] of a distinct-
+        length table), periodic images of one sender at one distance from a receiver send identical
+        messages; MP-20 kNN batches have ~1.4–1.5 edges per distinct (i, j, |r|). A sum over them is
+        a sum over the merged edges weighted by their count, so the aggregation walks fewer edges.
+        → (graph [E' edges, receiver-sorted], edge_index [E'], edge_count [E'] long). Exact for sums;
+        not for ops whose weights are normalised per edge unless the count enters them too."""
+        n, e = self.num_nodes, self.num_edges
+        if e == 0 or n * n * max(num_rows, 1) >= 2**62:  # the key would overflow: keep the edges
+            return self, edge_index, torch.ones(e, dtype=torch.long, device=self.senders.device)
+        key = (self.receivers * n + self.senders) * num_rows + edge_index  # [E], sorted by receiver first
+        unique, count = torch.unique(key, sorted=True, return_counts=True)  # [E']
+        rows = unique % num_rows
+        pair = unique // num_rows
+        senders, receivers = pair % n, pair // n
+        offsets = torch.zeros(n + 1, dtype=torch.long, device=self.senders.device)
+        offsets[1:] = torch.cumsum(torch.bincount(receivers, minlength=n), 0)
+        merged = CSRGraph(senders=senders, receivers=receivers, offsets=offsets, num_nodes=n)
+        return merged, rows, count
+
     # --- helpers for the chunked CPU backend (host-side ints, cached) -------------------------
 
     def uniform_degree(self) -> int | None:

@@ -60,16 +60,24 @@ def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
     return out.index_add(0, graph.receivers, messages)
 
 
-def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph):
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
     """`gated_aggregate` whose edge features are rows of a table: edge e uses row edge_index[e].
 
     q, k, v: [N, d]; k_table, v_table: [R, d] (R distinct edge lengths, say); edge_index: [E] in [0, R),
-    or None when the table is per edge (R = E, row e).
-    k_e = k_table[edge_index[e]], v_e = v_table[edge_index[e]], then exactly `gated_aggregate` → [N, d]
+    or None when the table is per edge (R = E, row e); edge_count: [E] multiplicity of each edge
+    (identical edges merged, `CSRGraph.merge_parallel`), None for 1.
+    k_e = k_table[edge_index[e]], v_e = v_table[edge_index[e]];
+    out_i = Σ_e c_e σ(q_i ⊙ (k_j + k_e)/√d) ⊙ (v_j + v_e)   → [N, d]   (c_e = 1: `gated_aggregate`)
     """
     k_edge = k_table if edge_index is None else k_table.index_select(0, edge_index)  # [E, d]
     v_edge = v_table if edge_index is None else v_table.index_select(0, edge_index)
-    return gated_aggregate(q, k, v, k_edge, v_edge, graph)
+    if edge_count is None:
+        return gated_aggregate(q, k, v, k_edge, v_edge, graph)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    gate = torch.sigmoid(q[graph.receivers] * (k[graph.senders] + k_edge) * scale)
+    messages = gate * (v[graph.senders] + v_edge) * edge_count.to(gate.dtype).unsqueeze(-1)
+    out = torch.zeros(graph.num_nodes, q.shape[-1], dtype=messages.dtype, device=q.device)
+    return out.index_add(0, graph.receivers, messages)
 
 
 def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):

@@ -59,11 +59,16 @@ def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
     return torch_scatter.scatter(gate * v_ij, graph.receivers, dim=0, dim_size=graph.num_nodes)
 
 
-def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph):
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
     _require()
     k_edge = k_table if edge_index is None else k_table.index_select(0, edge_index)  # [E, d]
     v_edge = v_table if edge_index is None else v_table.index_select(0, edge_index)
-    return gated_aggregate(q, k, v, k_edge, v_edge, graph)
+    if edge_count is None:
+        return gated_aggregate(q, k, v, k_edge, v_edge, graph)
+    k_ij = k.index_select(0, graph.senders) + k_edge  # [E, d]
+    v_ij = (v.index_select(0, graph.senders) + v_edge) * edge_count.to(v_edge.dtype).unsqueeze(-1)
+    gate = torch.sigmoid(q.index_select(0, graph.receivers) * k_ij / math.sqrt(q.shape[-1]))
+    return torch_scatter.scatter(gate * v_ij, graph.receivers, dim=0, dim_size=graph.num_nodes)
 
 
 def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):

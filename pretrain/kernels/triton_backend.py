@@ -255,8 +255,9 @@ attention.register_autograd(_attention_bwd, setup_context=_attention_setup)
 # ---------------------------------------------------------------------------------------------
 
 
-def _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets):
-    """Launch the gated forward; edge e reads row edge_index[e] of the tables (row e when None)."""
+def _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets, edge_count=None):
+    """Launch the gated forward; edge e reads row edge_index[e] of the tables (row e when None) and
+    counts edge_count[e] times (once when None)."""
     _check_device(q, k, v, k_table, v_table)
     q, k, v, k_table, v_table = (t.contiguous() for t in (q, k, v, k_table, v_table))
     n, d = q.shape
@@ -266,14 +267,16 @@ def _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets):
         with _on_device(q.device):
             kernel, cfg = _kernel("gated_fwd_kernel", d)
             kernel[_grid_cols(n, d, block_d)](
-                q, k, v, k_table, v_table, senders if edge_index is None else edge_index, senders, offsets, out,
-                d, 1.0 / math.sqrt(d), HAS_INDEX=edge_index is not None, ACC=_acc(q.dtype), BLOCK_D=block_d, **cfg,
+                q, k, v, k_table, v_table, senders if edge_index is None else edge_index,
+                q if edge_count is None else edge_count, senders, offsets, out, d, 1.0 / math.sqrt(d),
+                HAS_INDEX=edge_index is not None, HAS_COUNT=edge_count is not None,
+                ACC=_acc(q.dtype), BLOCK_D=block_d, **cfg,
             )
     return out
 
 
 def _gated_backward(grad, q, k, v, k_table, v_table, edge_index, row_perm, row_offsets,
-                    senders, receivers, offsets, sender_perm, sender_offsets):
+                    senders, receivers, offsets, sender_perm, sender_offsets, edge_count=None):
     """(dq, dk, dv, dk_table, dv_table): receiver programs for dq, sender programs for dk / dv (and the
     per-edge feature gradients when the table is per edge), row programs for a distinct-length table."""
     _check_device(grad, q, k, v, k_table, v_table)
@@ -283,23 +286,26 @@ def _gated_backward(grad, q, k, v, k_table, v_table, edge_index, row_perm, row_o
     dkt, dvt = torch.empty_like(k_table), torch.empty_like(v_table)
     has_index = edge_index is not None
     idx = edge_index if has_index else senders
+    has_count = edge_count is not None
+    cnt = edge_count if has_count else q
     if n and d:
         block_d, scale = _block_d(d), 1.0 / math.sqrt(d)
         meta = dict(ACC=_acc(q.dtype), BLOCK_D=block_d, **launch_config(d))
         grid = _grid_cols(n, d, block_d)
         with _on_device(q.device):
             K.gated_bwd_dst_kernel[grid](
-                q, k, v, k_table, v_table, idx, grad, senders, offsets, dq, d, scale, HAS_INDEX=has_index, **meta
+                q, k, v, k_table, v_table, idx, cnt, grad, senders, offsets, dq, d, scale,
+                HAS_INDEX=has_index, HAS_COUNT=has_count, **meta,
             )
             K.gated_bwd_src_kernel[grid](
-                q, k, v, k_table, v_table, idx, grad, receivers, sender_perm, sender_offsets, dk, dv, dkt, dvt,
-                d, scale, HAS_INDEX=has_index, STORE_EDGE=not has_index, **meta,
+                q, k, v, k_table, v_table, idx, cnt, grad, receivers, sender_perm, sender_offsets, dk, dv, dkt, dvt,
+                d, scale, HAS_INDEX=has_index, HAS_COUNT=has_count, STORE_EDGE=not has_index, **meta,
             )
             rows = k_table.shape[0]
             if has_index and rows:
                 K.gated_bwd_row_kernel[_grid_cols(rows, d, block_d)](
-                    q, k, v, k_table, v_table, grad, senders, receivers, row_perm, row_offsets, dkt, dvt,
-                    d, scale, **meta,
+                    q, k, v, k_table, v_table, cnt, grad, senders, receivers, row_perm, row_offsets, dkt, dvt,
+                    d, scale, HAS_COUNT=has_count, **meta,
                 )
     elif has_index:
         dkt.zero_(), dvt.zero_()
@@ -357,33 +363,34 @@ gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
 @torch.library.custom_op("crystalfm::gated_aggregate_edges", mutates_args=())
 def gated_edges(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
-    edge_index: torch.Tensor, row_perm: torch.Tensor, row_offsets: torch.Tensor,
+    edge_index: torch.Tensor, edge_count: torch.Tensor, row_perm: torch.Tensor, row_offsets: torch.Tensor,
     senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
     sender_perm: torch.Tensor, sender_offsets: torch.Tensor,
 ) -> torch.Tensor:
-    return _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets)
+    """edge_count [E]: each edge's multiplicity, in q's dtype (all ones when nothing was merged)."""
+    return _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets, edge_count)
 
 
 @gated_edges.register_fake
-def _(q, k, v, k_table, v_table, edge_index, row_perm, row_offsets, senders, receivers, offsets, sender_perm, sender_offsets):
+def _(q, k, v, k_table, v_table, edge_index, edge_count, row_perm, row_offsets, senders, receivers, offsets, sender_perm, sender_offsets):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("crystalfm::gated_aggregate_edges_backward", mutates_args=())
 def gated_edges_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_table: torch.Tensor,
-    v_table: torch.Tensor, edge_index: torch.Tensor, row_perm: torch.Tensor, row_offsets: torch.Tensor,
-    senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
+    v_table: torch.Tensor, edge_index: torch.Tensor, edge_count: torch.Tensor, row_perm: torch.Tensor,
+    row_offsets: torch.Tensor, senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
     sender_perm: torch.Tensor, sender_offsets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _gated_backward(
         grad, q, k, v, k_table, v_table, edge_index, row_perm, row_offsets,
-        senders, receivers, offsets, sender_perm, sender_offsets,
+        senders, receivers, offsets, sender_perm, sender_offsets, edge_count,
     )
 
 
 @gated_edges_backward.register_fake
-def _(grad, q, k, v, k_table, v_table, edge_index, row_perm, row_offsets, senders, receivers, offsets, sender_perm, sender_offsets):
+def _(grad, q, k, v, k_table, v_table, edge_index, edge_count, row_perm, row_offsets, senders, receivers, offsets, sender_perm, sender_offsets):
     return tuple(torch.empty_like(t) for t in (q, k, v, k_table, v_table))
 
 
@@ -393,7 +400,7 @@ def _gated_edges_setup(ctx, inputs, output):
 
 def _gated_edges_bwd(ctx, grad):
     grads = gated_edges_backward(grad, *ctx.saved_tensors)
-    return (*grads, *([None] * 8))
+    return (*grads, *([None] * 9))
 
 
 gated_edges.register_autograd(_gated_edges_bwd, setup_context=_gated_edges_setup)
@@ -424,11 +431,17 @@ def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
     return gated(q, k, v, k_edge, v_edge, *_csr(graph))
 
 
-def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph):
-    if edge_index is None:
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
+    if edge_index is None and edge_count is None:
         return gated_aggregate(q, k, v, k_table, v_table, graph)
+    if edge_index is None:  # a per-edge table: row e
+        edge_index = torch.arange(graph.num_edges, device=q.device)
+    if edge_count is None:
+        edge_count = torch.ones(graph.num_edges, dtype=q.dtype, device=q.device)
     row_perm, row_offsets = graph.by_row(edge_index, k_table.shape[0])
-    return gated_edges(q, k, v, k_table, v_table, edge_index, row_perm, row_offsets, *_csr(graph))
+    return gated_edges(
+        q, k, v, k_table, v_table, edge_index, edge_count.to(q.dtype), row_perm, row_offsets, *_csr(graph)
+    )
 
 
 def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):

@@ -53,7 +53,8 @@ def test_opcheck_gated_aggregate_edges(graph):
     index = torch.tensor([2, 0, 2, 0, 2, 1])
     index[index == 1] = 0  # row 1 unused
     row_perm, row_offsets = graph.by_row(index, 3)
-    args = (_rand(4, 5), _rand(4, 5), _rand(4, 5), _rand(3, 5), _rand(3, 5), index, row_perm, row_offsets, *_csr(graph))
+    count = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0, 1.0], dtype=torch.float64)
+    args = (_rand(4, 5), _rand(4, 5), _rand(4, 5), _rand(3, 5), _rand(3, 5), index, count, row_perm, row_offsets, *_csr(graph))
     torch.library.opcheck(triton_backend.gated_edges, args)
 
 
