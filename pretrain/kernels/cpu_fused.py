@@ -314,6 +314,8 @@ class _GatedAggregateEdgeMLP(torch.autograd.Function):
         # the weights themselves (leaf tensors edge_fn reads), not saved copies: autograd.grad
         # in the backward differentiates the recomputed chunk with respect to them
         ctx.graph, ctx.chunks, ctx.edge_fn, ctx.params = graph, chunks, edge_fn, params
+        device = q.device.type  # the backward recomputes under the forward's autocast state
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
@@ -330,8 +332,9 @@ class _GatedAggregateEdgeMLP(torch.autograd.Function):
         q_scaled = q * scale
         for c in ctx.chunks:
             rows = edge_input[c.e0 : c.e1].detach().requires_grad_(need_input)
-            with torch.enable_grad():
-                k_edge, v_edge = ctx.edge_fn(rows)  # [Ec, d], recomputed
+            device, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                k_edge, v_edge = ctx.edge_fn(rows)  # [Ec, d], recomputed as in the forward
             dke, dve = _gated_chunk_backward(c, grad, q_scaled, k, v, k_edge.detach(), v_edge.detach(), scale, dq)
             dk.index_add_(0, c.senders, dke)
             dv.index_add_(0, c.senders, dve)
