@@ -317,6 +317,22 @@ def test_benchmark_script_runs_and_reports_ratios(tmp_path):
     assert "| cpu_fused |" in text and "speed-up vs native" in text
 
 
+def test_benchmark_end_to_end_step_runs_and_reports_memory(tmp_path, shared_data):
+    """--e2e on a tiny real batch: the three paths, their time ratios and both memory columns."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "neighbor_scatter.py"
+    spec = importlib.util.spec_from_file_location("neighbor_scatter_bench_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "e2e.md"
+    bench.main(["--e2e", "--e2e-only", "--e2e-atoms", "40", "--e2e-models", "matformer", "--repeats", "1",
+                "--copy-mib", "16", "--markdown", str(out)])
+    text = out.read_text()
+    assert "one matformer training step" in text and "| fused edges (default) | cpu_fused | True |" in text
+    assert "saved activations MB" in text and "peak allocated MB" in text
+
+
 def test_cpu_fused_refuses_double_backward_loudly():
     """Force training differentiates a gradient; the fused backward is not differentiable and must
     say so instead of returning a silently wrong second derivative."""
