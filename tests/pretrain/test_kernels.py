@@ -348,7 +348,7 @@ def test_cpu_fused_refuses_double_backward_loudly():
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("d", [128, 256])
 def test_triton_on_cuda_matches_native(mp20_graph, op, d):
-    """On a GPU: the compiled kernels (autotuned) against the native path on real MP-20 graphs."""
+    """On a GPU: the compiled kernels (pinned launch configurations) against the native path on real MP-20 graphs."""
     graph = mp20_graph.to("cuda")
     inputs = [x.detach().cuda().requires_grad_() for x in make_inputs(op, graph, d, heads=d // 32, dtype=torch.float32)]
     expected, expected_grads = forward_backward(op, "native", inputs, graph)
