@@ -18,7 +18,10 @@ path stands in when torch_scatter is missing, and the table says so).
     python benchmarks/neighbor_scatter.py                     # CPU, all ops, both sizes and widths
     python benchmarks/neighbor_scatter.py --device cuda       # GPU (triton path included)
     python benchmarks/neighbor_scatter.py --quick             # small batch, for a smoke run
-    python benchmarks/neighbor_scatter.py --e2e               # + one PDDFormer training step, fused vs unfused
+    python benchmarks/neighbor_scatter.py --e2e               # + Matformer and PDDFormer training steps (10k MP-20
+                                                              #   atoms, default sizes): torch-scatter composition vs
+                                                              #   fused sum on dense edges vs fused edges; time,
+                                                              #   saved activations, allocator peak
     python benchmarks/neighbor_scatter.py --sweep-chunk       # cpu_fused chunk size sweep
     ... --markdown out.md                                     # also write the tables as markdown
 """
@@ -252,68 +255,147 @@ def table(results, baseline, copy_bw, title):
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end: one PDDFormer training step, fused vs unfused aggregation
+# end to end: one Matformer and one PDDFormer training step at default sizes, three paths
 # ---------------------------------------------------------------------------------------------
 
+# (label, aggregation backend, edge_fusion): the torch-scatter composition (dense E×d edge tensors,
+# torch_scatter sums), the path before edge fusion (fused sums on E×d edge tensors), and fused edges
+# (edge features gathered or computed inside the aggregation; no E×d tensor).
+E2E_PATHS = (
+    ("torch-scatter composition", "reference", False),
+    ("fused sum, dense edges (before)", "cpu_fused", False),
+    ("fused edges (default)", "cpu_fused", True),
+)
+E2E_MODELS = {
+    "matformer": {"name": "matformer"},  # width 128, 5 layers, 4 heads, k=12
+    "pddformer": {"name": "pddformer"},  # width 256, 4 layers, k=25, PDD k=92
+}
 
-def e2e(device, crystals: int, width: int, layers: int, repeats: int, backends) -> str:
+
+def _allocator_peak(fn) -> int:
+    """Peak bytes of tensors alive at once during fn() above those alive before it, from the torch
+    profiler's memory records: each op's own allocations (self_cpu_memory_usage, placed at the op's
+    start) and every free ('[memory]' events, negative), replayed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        ((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage),
+        key=lambda t: t[0],
+    )
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def _saved_activation_bytes(model, batch) -> int:
+    """Bytes autograd keeps between forward and backward, parameters excluded (activation memory)."""
+    saved = SavedBytes(list(model.parameters()))
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        out = model(batch)
+    del out
+    return saved.total
+
+
+def e2e(device, atoms: int, repeats: int, models=tuple(E2E_MODELS), paths=E2E_PATHS) -> str:
+    """Time fwd+bwd of one training step (loss on the mean-pooled readout) per model and path, in one
+    process, round-robin over the paths (a load spike hits all alike), best of `repeats`; then the
+    saved activation bytes and the allocator peak of one step per path."""
+    from data_pipeline.load.collate import BatchViews, collate
+    from data_pipeline.load.neighbors import NeighborRule
     from pretrain.encoders import build_encoder
+    from pretrain.encoders.blocks import edge_lengths
 
     shared = Path(os.environ.get("CRYSTALFM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     if not (shared / "mp_20" / "val.csv.gz").exists():
         return f"(end-to-end skipped: MP-20 not found under {shared})"
-    batch = _mp20_batch(shared, crystals).to(device)
-    lines = [
-        f"### End to end: one PDDFormer training step (width {width}, {layers} layers, {crystals} MP-20 crystals, "
-        f"{batch.num_nodes} atoms, {batch.num_edges} edges)\n",
-        "| aggregation backend | step ms | speed-up vs first row |",
-        "|---|---|---|",
-    ]
-    times = {}
-    for backend in backends:
+    records = _mp20_records(shared, atoms)
+    paths = [p for p in paths if p[1] in kernels.available_backends(device) or p[1] == "native"]
+    sections = []
+    for name in models:
         torch.manual_seed(0)
-        model = build_encoder({"name": "pddformer", "width": width, "num_layers": layers}).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        kernels.set_backend(backend)
-        try:
-            best = math.inf
-            for i in range(repeats + 1):
-                sync(device)
-                t0 = time.perf_counter()
+        model = build_encoder(E2E_MODELS[name]).to(device)
+        views = BatchViews(graph=NeighborRule(**model.neighbor_rule), pdd_k=model.pdd_k if model.needs_pdd else None)
+        batch = collate(records, views).to(device)
+        lengths, index = edge_lengths(batch, torch.float32)
+        width = model.out_dim
+        edge_width = width * getattr(model.layers[0], "heads", 1) if name == "matformer" else width
+
+        def step(backend, fusion):
+            kernels.set_backend(backend)
+            model.edge_fusion = fusion
+            try:
                 loss = model.readout(model(batch), batch).pow(2).mean()
                 loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            finally:
+                kernels.set_backend("auto")
+            model.zero_grad(set_to_none=True)
+
+        times = {p: math.inf for p in paths}
+        for p in paths:  # warm-up (CSR caches, first-touch of the allocator)
+            step(p[1], p[2])
+        for _ in range(repeats):
+            for p in paths:
                 sync(device)
-                if i:  # the first step warms up
-                    best = min(best, time.perf_counter() - t0)
-        finally:
-            kernels.set_backend("auto")
-        times[backend] = best
-        lines.append(f"| {backend} | {best * 1e3:.0f} | {times[backends[0]] / best:.2f}x |")
-    return "\n".join(lines)
+                t0 = time.perf_counter()
+                step(p[1], p[2])
+                sync(device)
+                times[p] = min(times[p], time.perf_counter() - t0)
+        memory = {}
+        for p in paths:
+            kernels.set_backend(p[1])
+            model.edge_fusion = p[2]
+            try:
+                saved = _saved_activation_bytes(model, batch)
+            finally:
+                kernels.set_backend("auto")
+            memory[p] = (saved, _allocator_peak(lambda: step(p[1], p[2])))
+        base = paths[0]
+        lines = [
+            f"### End to end: one {name} training step, default size (width {width}, "
+            f"{batch.num_crystals} MP-20 crystals, "
+            f"{batch.num_nodes} atoms, {batch.num_edges} edges, {lengths.numel()} distinct lengths; "
+            f"one E×{edge_width} fp32 edge tensor = {batch.num_edges * edge_width * 4 / 2**20:.0f} MB)\n",
+            f"| path | backend | edge_fusion | fwd+bwd ms | speed-up vs {base[0]} | saved activations MB | ratio "
+            f"| peak allocated MB | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in paths:
+            saved, peak = memory[p]
+            lines.append(
+                f"| {p[0]} | {p[1]} | {p[2]} | {times[p] * 1e3:.0f} | {times[base] / times[p]:.2f}x "
+                f"| {saved / 2**20:.0f} | {saved / max(memory[base][0], 1):.2f} | {peak / 2**20:.0f} "
+                f"| {peak / max(memory[base][1], 1):.2f} |"
+            )
+        sections.append("\n".join(lines))
+        print("\n" + sections[-1], flush=True)
+        del model, batch
+    return "\n\n".join(sections)
 
 
-def _mp20_batch(shared: Path, crystals: int):
+def _mp20_records(shared: Path, atoms: int):
+    """The first MP-20 validation crystals, in file order, until they hold `atoms` atoms."""
     import csv
     import gzip
     import warnings
 
     from pymatgen.core import Structure
 
-    from data_pipeline.load.collate import BatchViews, collate
-    from data_pipeline.load.neighbors import NeighborRule
     from data_pipeline.record import CrystalRecord
 
-    records = []
+    records, total = [], 0
     with gzip.open(shared / "mp_20" / "val.csv.gz", "rt") as handle, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for row in csv.DictReader(handle):
             structure = Structure.from_str(row["cif"], fmt="cif")
             records.append(CrystalRecord.from_structure(structure, key=f"mp20:{row['material_id']}", source="mp20"))
-            if len(records) == crystals:
+            total += len(structure)
+            if total >= atoms:
                 break
-    return collate(records, BatchViews(graph=NeighborRule(), pdd_k=92))
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +413,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="2000 atoms, 1 repeat: a smoke run")
-    parser.add_argument("--e2e", action="store_true", help="also time one PDDFormer training step per backend")
-    parser.add_argument("--e2e-crystals", type=int, default=64)
+    parser.add_argument("--e2e", action="store_true", help="also time a Matformer and a PDDFormer training step per path")
+    parser.add_argument("--e2e-atoms", type=int, default=10_000, help="atoms of the MP-20 batch of the --e2e step")
+    parser.add_argument("--e2e-only", action="store_true", help="skip the per-op tables (with --e2e)")
+    parser.add_argument("--e2e-models", nargs="+", default=list(E2E_MODELS), choices=list(E2E_MODELS))
     parser.add_argument("--sweep-chunk", action="store_true", help="time cpu_fused at several chunk sizes")
     parser.add_argument("--copy-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
@@ -375,7 +459,7 @@ def main(argv=None):
         cpu_fused.CHUNK_EDGES = default
         sections.append("\n".join(lines))
 
-    for size in args.sizes:
+    for size in [] if args.e2e_only else args.sizes:
         graph = make_graph(atoms, SIZES[size], NEIGHBOURS, 0, device)
         for d in args.widths:
             for op in args.ops:
@@ -389,10 +473,12 @@ def main(argv=None):
                 sections.append(text)
 
     if args.e2e:
-        e2e_backends = [b for b in (baseline, "native", "cpu_fused", "triton") if b in available]
-        e2e_backends = list(dict.fromkeys(e2e_backends))
-        text = e2e(device, 16 if args.quick else args.e2e_crystals, 128, 4, repeats, e2e_backends)
-        print("\n" + text, flush=True)
+        paths = E2E_PATHS if device.type == "cpu" else tuple(
+            (label, "triton" if backend == "cpu_fused" else backend, fusion) for label, backend, fusion in E2E_PATHS
+        )
+        if baseline != "reference":  # no torch_scatter: the native composition stands in
+            paths = (("native composition (torch_scatter missing)", "native", False), *paths[1:])
+        text = e2e(device, 500 if args.quick else args.e2e_atoms, repeats, tuple(args.e2e_models), paths)
         sections.append(text)
 
     if args.markdown:

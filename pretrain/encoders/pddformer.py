@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.encoders.base import Encoder, register_encoder
 from pretrain.encoders.atom_embedding import build_atom_embedding
 from pretrain.encoders.blocks import GaussianRBF, edge_lengths, gather_edges, make_norm, model_dtype
-from pretrain.kernels import CSRGraph, gated_aggregate
+from pretrain.kernels import CSRGraph, gated_aggregate, gated_aggregate_edge_mlp, gated_aggregate_edges
 
 
 class EdgeEmbedding(nn.Module):
@@ -79,9 +79,31 @@ class NodeAttentionLayer(nn.Module):
         # normalise the logits instead, so undo it and keep the gates O(1) at initialisation.
         self.gate_scale = math.sqrt(width)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph, edge_index: torch.Tensor | None = None):
+    def forward(
+        self, h: torch.Tensor, e: torch.Tensor, graph: CSRGraph, edge_index: torch.Tensor | None = None,
+        embed: nn.Module | None = None, fused: bool = False, edge_count: torch.Tensor | None = None,
+    ):
+        """With `embed`, e is the raw lengths [E] and embed(lengths) runs inside the fused op per chunk.
+        fused: the K, V edge-MLP rows are gathered (or computed) inside the aggregation, no E×d tensor;
+        edge_count [E]: multiplicities of merged identical edges (`CSRGraph.merge_parallel`)."""
         q = self.query(h) * self.gate_scale  # [N, d]
         k, v = self.key(h), self.value(h)  # [N, d]
+        if fused and embed is None:  # tables [U, d] gathered inside the kernel
+            m = gated_aggregate_edges(
+                q, k, v, self.key_edge(e), self.value_edge(e), edge_index, graph, edge_count
+            )  # [N, d]
+            return F.silu(h + self.update(self.norm(self.concat(m))))  # [N, d]
+        if fused:  # per-edge lengths: RBF → Linear → Softplus → K, V MLPs per chunk inside the op
+
+            def edge_fn(length):
+                x = embed(length)  # [Ec, d]
+                return self.key_edge(x), self.value_edge(x)  # [Ec, d] each
+
+            params = [*embed.parameters(), *self.key_edge.parameters(), *self.value_edge.parameters()]
+            m = gated_aggregate_edge_mlp(q, k, v, e, edge_fn, params, graph)  # [N, d]
+            return F.silu(h + self.update(self.norm(self.concat(m))))  # [N, d]
+        if embed is not None:
+            e = embed(e)  # [E, d]
         k_e = gather_edges(self.key_edge(e), edge_index)  # [E, d]
         v_e = gather_edges(self.value_edge(e), edge_index)  # [E, d]
         m = gated_aggregate(q, k, v, k_e, v_e, graph)  # [N, d]
@@ -127,6 +149,9 @@ class PDDFormerEncoder(Encoder):
         neighbor_rule: overrides of the loader's neighbour rule (k, cutoff, lattice_self_edges).
         activation_checkpointing: recompute each layer's E×d edge activations in the backward pass
             instead of storing them (less memory for large cells, about one more forward of compute).
+        edge_fusion: compute the K, V edge features inside the fused aggregation (default): per-
+            distinct-length tables gathered in the kernel, or, without the loader's length table, the
+            whole RBF → MLP chain per chunk of edges. False: the unfused E×d path. Same weights.
     Input: a CrystalBatch with the graph view and `pdd`. Output: per-atom latents [N, width].
     """
 
@@ -148,6 +173,7 @@ class PDDFormerEncoder(Encoder):
         atom_features: str = "learned",
         neighbor_rule: dict | None = None,
         activation_checkpointing: bool = False,
+        edge_fusion: bool = True,
     ):
         super().__init__()
         if num_layers < 1:
@@ -155,6 +181,7 @@ class PDDFormerEncoder(Encoder):
         self.out_dim = width
         self.pdd_k = pdd_k
         self.activation_checkpointing = activation_checkpointing
+        self.edge_fusion = edge_fusion
         self.neighbor_rule = {**type(self).neighbor_rule, **(neighbor_rule or {})}
         self.atom_embedding = build_atom_embedding(atom_features, max_z, width)
         self.pdd_embedding = nn.Linear(pdd_k + 1, width)
@@ -187,13 +214,20 @@ class PDDFormerEncoder(Encoder):
         h = self.atom_embedding(batch.atomic_numbers)  # [N, d]
         p = self.pdd_embedding(self.pdd_input(batch, dtype))  # [N, d]
         lengths, edge_index = edge_lengths(batch, dtype)  # [U] distinct lengths + [E] map, or [E] and None
-        e = self.edge_embedding(lengths)  # [U, d]: the edge MLPs run once per distinct length
+        # the edge MLPs run once per distinct length ([U, d]); fused without a table, inside each layer
+        per_chunk = self.edge_fusion and edge_index is None
+        e, embed = (lengths, self.edge_embedding) if per_chunk else (self.edge_embedding(lengths), None)
+        count = None
+        if self.edge_fusion and edge_index is not None:
+            # identical messages (an image of one sender at one distance) are summed once, times their count
+            graph, edge_index, count = graph.merge_parallel(edge_index, lengths.numel())  # E' ≈ E / 1.5 on MP-20
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.attention):
+            args = (h, e, graph, edge_index, embed, self.edge_fusion, count)
             if recompute:
-                h = checkpoint(layer, h, e, graph, edge_index, use_reentrant=False)  # [N, d]
+                h = checkpoint(layer, *args, use_reentrant=False)  # [N, d]
             else:
-                h = layer(h, e, graph, edge_index)  # [N, d]
+                h = layer(*args)  # [N, d]
             if i < len(self.pdd_blocks):
                 h, p = self.pdd_blocks[i](h, p)
         return h  # [N, d]

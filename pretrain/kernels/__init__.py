@@ -3,6 +3,12 @@
     gather_multiply_reduce(x, w, graph, reduce)   out_i = Σ_j x_j ⊙ w_ij       (sum | mean)
     neighbor_attention(q, k, v, k_e, v_e, graph)  per-receiver softmax attention, per head
     gated_aggregate(q, k, v, k_e, v_e, graph)     out_i = Σ_j σ(q_i ⊙ k_ij/√d) ⊙ v_ij
+    gated_aggregate_edges(q, k, v, k_tab, v_tab, edge_index, graph)
+                                                  the same, edge features gathered inside from a
+                                                  per-distinct-length table [R, d] (no E×d tensor)
+    gated_aggregate_edge_mlp(q, k, v, lengths, edge_fn, params, graph, edge_index=None)
+                                                  the same, edge MLP (RBF → Linear → act …) run
+                                                  inside per chunk of edges and recomputed in the backward
 
 `graph` is a receiver-sorted `CSRGraph`. The backend ('auto', 'native', 'cpu_fused', 'triton',
 'reference') is chosen by `set_backend` / the `backend` argument; 'auto' uses the fused Triton
@@ -13,6 +19,8 @@ from pretrain.kernels.dispatch import (
     BACKENDS,
     available_backends,
     gated_aggregate,
+    gated_aggregate_edge_mlp,
+    gated_aggregate_edges,
     gather_multiply_reduce,
     get_backend,
     neighbor_attention,
@@ -25,6 +33,8 @@ __all__ = [
     "gather_multiply_reduce",
     "neighbor_attention",
     "gated_aggregate",
+    "gated_aggregate_edges",
+    "gated_aggregate_edge_mlp",
     "set_backend",
     "get_backend",
     "available_backends",

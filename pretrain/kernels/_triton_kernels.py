@@ -228,9 +228,19 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _edge_rows(idx_ptr, eids, emask, HAS_INDEX: tl.constexpr):
+    """Row of the edge-feature table each edge reads: idx[e] for a per-distinct-length table, else e."""
+    if HAS_INDEX:
+        rows = tl.load(idx_ptr + eids, mask=emask, other=0)
+    else:
+        rows = eids
+    return rows
+
+
+@triton.jit
 def gated_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, senders_ptr, offsets_ptr, out_ptr, d, scale,
-    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, cnt_ptr, senders_ptr, offsets_ptr, out_ptr, d, scale,
+    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -244,11 +254,14 @@ def gated_fwd_kernel(
         eids = e0 + tl.arange(0, BLOCK_E)
         emask = eids < end
         src = tl.load(senders_ptr + eids, mask=emask, other=0)
+        rows = _edge_rows(idx_ptr, eids, emask, HAS_INDEX)
         m2 = emask[:, None] & cmask[None, :]
         kij = tl.load(k_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
-        kij += tl.load(ke_ptr + eids[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        kij += tl.load(ke_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij = tl.load(v_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
-        vij += tl.load(ve_ptr + eids[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        vij += tl.load(ve_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if HAS_COUNT:  # merged identical edges: the message counts c_e times
+            vij = vij * tl.load(cnt_ptr + eids, mask=emask, other=0.0).to(ACC)[:, None]
         acc += tl.sum(_sigmoid(qi[None, :] * kij) * vij, axis=0)  # masked lanes have v_ij = 0
         e0 += BLOCK_E
     tl.store(out_ptr + i * d + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -256,8 +269,8 @@ def gated_fwd_kernel(
 
 @triton.jit
 def gated_bwd_dst_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, g_ptr, senders_ptr, offsets_ptr, dq_ptr, d, scale,
-    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, cnt_ptr, g_ptr, senders_ptr, offsets_ptr, dq_ptr, d, scale,
+    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq_i = scale Σ_e dz_e ⊙ k_ij,  dz_e = g_i ⊙ v_ij ⊙ σ(z)(1 - σ(z))."""
     i = tl.program_id(0).to(tl.int64)
@@ -273,12 +286,15 @@ def gated_bwd_dst_kernel(
         eids = e0 + tl.arange(0, BLOCK_E)
         emask = eids < end
         src = tl.load(senders_ptr + eids, mask=emask, other=0)
+        rows = _edge_rows(idx_ptr, eids, emask, HAS_INDEX)
         m2 = emask[:, None] & cmask[None, :]
         kij = tl.load(k_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
-        kij += tl.load(ke_ptr + eids[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        kij += tl.load(ke_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         vij = tl.load(v_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
-        vij += tl.load(ve_ptr + eids[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        vij += tl.load(ve_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         gate = _sigmoid(qi[None, :] * kij)
+        if HAS_COUNT:
+            vij = vij * tl.load(cnt_ptr + eids, mask=emask, other=0.0).to(ACC)[:, None]
         dz = gi[None, :] * vij * gate * (1.0 - gate)  # [BE, BD], 0 on masked lanes (v_ij = 0)
         acc += tl.sum(dz * kij, axis=0)
         e0 += BLOCK_E
@@ -287,12 +303,13 @@ def gated_bwd_dst_kernel(
 
 @triton.jit
 def gated_bwd_src_kernel(
-    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, g_ptr, receivers_ptr, perm_ptr, sender_offsets_ptr,
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, idx_ptr, cnt_ptr, g_ptr, receivers_ptr, perm_ptr, sender_offsets_ptr,
     dk_ptr, dv_ptr, dke_ptr, dve_ptr, d, scale,
+    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, STORE_EDGE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per sender j: dv_ij = g_i ⊙ σ(z), dk_ij = scale dz_e ⊙ q_i; summed into dk_j / dv_j and
-    stored per edge into dk_edge / dv_edge."""
+    """Per sender j: dv_ij = g_i ⊙ σ(z), dk_ij = scale dz_e ⊙ q_i; summed into dk_j / dv_j and,
+    with STORE_EDGE (per-edge features), stored per edge into dk_edge / dv_edge."""
     j = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
@@ -308,18 +325,62 @@ def gated_bwd_src_kernel(
         pmask = pids < end
         eids = tl.load(perm_ptr + pids, mask=pmask, other=0)
         dst = tl.load(receivers_ptr + eids, mask=pmask, other=0)
+        rows = _edge_rows(idx_ptr, eids, pmask, HAS_INDEX)
         m2 = pmask[:, None] & cmask[None, :]
         qr = tl.load(q_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC) * scale
         gr = tl.load(g_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)  # 0 on masked lanes
-        kij = kj[None, :] + tl.load(ke_ptr + eids[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
-        vij = vj[None, :] + tl.load(ve_ptr + eids[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if HAS_COUNT:  # c_e g_i: the edge's message counts c_e times
+            gr = gr * tl.load(cnt_ptr + eids, mask=pmask, other=0.0).to(ACC)[:, None]
+        kij = kj[None, :] + tl.load(ke_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        vij = vj[None, :] + tl.load(ve_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
         gate = _sigmoid(qr * kij)
         dvij = gr * gate
         dkij = gr * vij * gate * (1.0 - gate) * qr
         acc_k += tl.sum(dkij, axis=0)
         acc_v += tl.sum(dvij, axis=0)
-        tl.store(dke_ptr + eids[:, None] * d + cols[None, :], dkij.to(dke_ptr.dtype.element_ty), mask=m2)
-        tl.store(dve_ptr + eids[:, None] * d + cols[None, :], dvij.to(dve_ptr.dtype.element_ty), mask=m2)
+        if STORE_EDGE:
+            tl.store(dke_ptr + eids[:, None] * d + cols[None, :], dkij.to(dke_ptr.dtype.element_ty), mask=m2)
+            tl.store(dve_ptr + eids[:, None] * d + cols[None, :], dvij.to(dve_ptr.dtype.element_ty), mask=m2)
         p0 += BLOCK_E
     tl.store(dk_ptr + j * d + cols, acc_k.to(dk_ptr.dtype.element_ty), mask=cmask)
     tl.store(dv_ptr + j * d + cols, acc_v.to(dv_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def gated_bwd_row_kernel(
+    q_ptr, k_ptr, v_ptr, ke_ptr, ve_ptr, cnt_ptr, g_ptr, senders_ptr, receivers_ptr, row_perm_ptr, row_offsets_ptr,
+    dke_ptr, dve_ptr, d, scale,
+    HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per table row r (a distinct edge length): dk_table[r] = Σ_{e: idx_e = r} dk_ij and dv_table[r]
+    likewise, walking r's edges through `row_perm` (stable sort of the index) and recomputing the
+    gate per edge: each row written by exactly one program, in a fixed order, no atomics."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    ke = tl.load(ke_ptr + r * d + cols, mask=cmask, other=0.0).to(ACC)  # [BD], the row's own features
+    ve = tl.load(ve_ptr + r * d + cols, mask=cmask, other=0.0).to(ACC)
+    start = tl.load(row_offsets_ptr + r)
+    end = tl.load(row_offsets_ptr + r + 1)
+    acc_k = tl.zeros([BLOCK_D], dtype=ACC)
+    acc_v = tl.zeros([BLOCK_D], dtype=ACC)
+    p0 = start
+    while p0 < end:
+        pids = p0 + tl.arange(0, BLOCK_E)
+        pmask = pids < end
+        eids = tl.load(row_perm_ptr + pids, mask=pmask, other=0)
+        dst = tl.load(receivers_ptr + eids, mask=pmask, other=0)
+        src = tl.load(senders_ptr + eids, mask=pmask, other=0)
+        m2 = pmask[:, None] & cmask[None, :]
+        qr = tl.load(q_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC) * scale
+        gr = tl.load(g_ptr + dst[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)  # 0 on masked lanes
+        if HAS_COUNT:
+            gr = gr * tl.load(cnt_ptr + eids, mask=pmask, other=0.0).to(ACC)[:, None]
+        kij = ke[None, :] + tl.load(k_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        vij = ve[None, :] + tl.load(v_ptr + src[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        gate = _sigmoid(qr * kij)
+        acc_v += tl.sum(gr * gate, axis=0)
+        acc_k += tl.sum(gr * vij * gate * (1.0 - gate) * qr, axis=0)
+        p0 += BLOCK_E
+    tl.store(dke_ptr + r * d + cols, acc_k.to(dke_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dve_ptr + r * d + cols, acc_v.to(dve_ptr.dtype.element_ty), mask=cmask)

@@ -190,45 +190,173 @@ def neighbor_attention(q, k, v, k_edge, v_edge, graph: CSRGraph):
 # ---------------------------------------------------------------------------------------------
 
 
+def _edge_rows(table: torch.Tensor, index: torch.Tensor | None, c: "_Chunk") -> torch.Tensor:
+    """The chunk's per-edge rows [Ec, d] of an edge-feature table: a view of rows e0:e1 when the
+    table is per edge (index None), else gathered through the chunk's slice of `index` (in cache)."""
+    if index is None:
+        return table[c.e0 : c.e1]
+    return table.index_select(0, index[c.e0 : c.e1])
+
+
+def _gated_chunk_forward(c: "_Chunk", q_scaled, k, v, k_edge, v_edge, count=None):
+    """Σ over the chunk's edges of c_e σ(q_i ⊙ k_ij) ⊙ v_ij → [Rc, d] (q already scaled by 1/√d;
+    count: the chunk's edge multiplicities [Ec, 1] or None)."""
+    k_ij = k.index_select(0, c.senders).add_(k_edge)  # [Ec, d]
+    gate = c.mul_by_receiver(k_ij, q_scaled, out=k_ij).sigmoid_()
+    messages = gate.mul_(v.index_select(0, c.senders).add_(v_edge))
+    if count is not None:
+        messages.mul_(count)
+    return c.segment_sum(messages)  # [Rc, d]
+
+
+def _gated_chunk_backward(
+    c: "_Chunk", grad, q_scaled, k, v, k_edge, v_edge, scale, dq, dke_out=None, dve_out=None, count=None
+):
+    """One chunk of the gated backward: writes dq rows r0:r1 and returns (dk_ij, dv_ij) [Ec, d]
+    (into dke_out / dve_out when given). count: edge multiplicities [Ec, 1] or None."""
+    k_ij = k.index_select(0, c.senders).add_(k_edge)  # [Ec, d]
+    v_ij = v.index_select(0, c.senders).add_(v_edge)
+    gate = c.mul_by_receiver(k_ij, q_scaled).sigmoid_()
+    dve = c.mul_by_receiver(gate, grad, out=dve_out)  # dv_ij = g_i ⊙ σ
+    if count is not None:
+        v_ij.mul_(count)  # c_e v_ij: the gate's gradient counts the edge c_e times
+        dve.mul_(count)
+    dz = gate.mul_(1.0 - gate).mul_(v_ij)  # [Ec, d] σ(1-σ) ⊙ v_ij (reuses gate's memory)
+    dz = c.mul_by_receiver(dz, grad, out=dz)  # ∂L/∂z
+    dq[c.r0 : c.r1] = c.segment_sum(dz * k_ij) * scale
+    dke = c.mul_by_receiver(dz, q_scaled, out=dke_out)  # dk_ij
+    return dke, dve
+
+
 class _GatedAggregate(torch.autograd.Function):
+    """Edge features are rows of (k_table, v_table): per edge (index None, [E, d]) or per distinct
+    length (index [E] → rows of [R, d]); with an index no E×d tensor exists in forward or backward,
+    and the table gradients are summed with `index_add_` chunk after chunk (a fixed order)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, k_edge, v_edge, graph: CSRGraph):
+    def forward(ctx, q, k, v, k_table, v_table, index, count, graph: CSRGraph):
         n, d = q.shape
         scale = 1.0 / math.sqrt(d)
         chunks = _chunks(graph, d)
         out = q.new_zeros(n, d)  # [N, d]
         q_scaled = q * scale  # [N, d]
+        if count is not None:
+            count = count.to(q.dtype).unsqueeze(-1)  # [E, 1]
         for c in chunks:
-            k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
-            gate = c.mul_by_receiver(k_ij, q_scaled, out=k_ij).sigmoid_()
-            messages = gate.mul_(v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1]))
-            out[c.r0 : c.r1] = c.segment_sum(messages)
-        ctx.save_for_backward(q, k, v, k_edge, v_edge)
+            k_edge, v_edge = _edge_rows(k_table, index, c), _edge_rows(v_table, index, c)  # [Ec, d]
+            cnt = None if count is None else count[c.e0 : c.e1]
+            out[c.r0 : c.r1] = _gated_chunk_forward(c, q_scaled, k, v, k_edge, v_edge, cnt)
+        ctx.save_for_backward(q, k, v, k_table, v_table, index, count)
         ctx.graph, ctx.chunks = graph, chunks
         return out
 
     @staticmethod
     @once_differentiable  # double backward (force training) is refused loudly: use 'native'
     def backward(ctx, grad):
-        q, k, v, k_edge, v_edge = ctx.saved_tensors
+        q, k, v, k_table, v_table, index, count = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, d]
+        per_edge = index is None
+        # per edge: [E, d] written slice by slice; per row: [R, d] summed over the chunks in order
+        dkt = torch.empty_like(k_table) if per_edge else torch.zeros_like(k_table)
+        dvt = torch.empty_like(v_table) if per_edge else torch.zeros_like(v_table)
         q_scaled = q * scale  # [N, d]
         for c in ctx.chunks:
-            k_ij = k.index_select(0, c.senders).add_(k_edge[c.e0 : c.e1])  # [Ec, d]
-            v_ij = v.index_select(0, c.senders).add_(v_edge[c.e0 : c.e1])
-            gate = c.mul_by_receiver(k_ij, q_scaled).sigmoid_()
-            c.mul_by_receiver(gate, grad, out=dve[c.e0 : c.e1])  # dv_ij = g_i ⊙ σ
-            dz = gate.mul_(1.0 - gate).mul_(v_ij)  # [Ec, d] σ(1-σ) ⊙ v_ij (reuses gate's memory)
-            dz = c.mul_by_receiver(dz, grad, out=dz)  # ∂L/∂z
-            dq[c.r0 : c.r1] = c.segment_sum(dz * k_ij) * scale
-            c.mul_by_receiver(dz, q_scaled, out=dke[c.e0 : c.e1])  # dk_ij
-            dk.index_add_(0, c.senders, dke[c.e0 : c.e1])
-            dv.index_add_(0, c.senders, dve[c.e0 : c.e1])
-        return dq, dk, dv, dke, dve, None
+            k_edge, v_edge = _edge_rows(k_table, index, c), _edge_rows(v_table, index, c)
+            cnt = None if count is None else count[c.e0 : c.e1]
+            if per_edge:
+                dke, dve = _gated_chunk_backward(
+                    c, grad, q_scaled, k, v, k_edge, v_edge, scale, dq, dkt[c.e0 : c.e1], dvt[c.e0 : c.e1], cnt
+                )
+            else:
+                dke, dve = _gated_chunk_backward(c, grad, q_scaled, k, v, k_edge, v_edge, scale, dq, count=cnt)
+                rows = index[c.e0 : c.e1]
+                dkt.index_add_(0, rows, dke)
+                dvt.index_add_(0, rows, dve)
+            dk.index_add_(0, c.senders, dke)
+            dv.index_add_(0, c.senders, dve)
+        return dq, dk, dv, dkt, dvt, None, None, None
 
 
 @torch.compiler.disable  # a Python loop over chunks: keep dynamo from unrolling it
 def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
-    return _GatedAggregate.apply(q, k, v, k_edge, v_edge, graph)
+    return _GatedAggregate.apply(q, k, v, k_edge, v_edge, None, None, graph)
+
+
+@torch.compiler.disable
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
+    return _GatedAggregate.apply(q, k, v, k_table, v_table, edge_index, edge_count, graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# d. gated aggregation with the edge MLP inside: per chunk, geometry → edge features → message
+# ---------------------------------------------------------------------------------------------
+
+
+class _GatedAggregateEdgeMLP(torch.autograd.Function):
+    """Per-edge geometry (edge_input [E, ...]) → edge_fn per chunk → gated sum. Nothing E×d is kept:
+    the forward runs edge_fn chunk by chunk without autograd; the backward reruns it per chunk with
+    autograd, pulls the chunk's (dk_e, dv_e) back through it with `torch.autograd.grad`, and sums
+    the weight gradients chunk after chunk (per-chunk partial sums, fixed-order reduction)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, edge_input, graph: CSRGraph, edge_fn, *params):
+        n, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        chunks = _chunks(graph, 3 * d)  # the MLP's hidden rows live in cache beside the message
+        out = q.new_zeros(n, d)  # [N, d]
+        q_scaled = q * scale
+        with torch.no_grad():
+            for c in chunks:
+                k_edge, v_edge = edge_fn(edge_input[c.e0 : c.e1])  # [Ec, d] each, in cache
+                out[c.r0 : c.r1] = _gated_chunk_forward(c, q_scaled, k, v, k_edge, v_edge)
+        ctx.save_for_backward(q, k, v, edge_input)
+        # the weights themselves (leaf tensors edge_fn reads), not saved copies: autograd.grad
+        # in the backward differentiates the recomputed chunk with respect to them
+        ctx.graph, ctx.chunks, ctx.edge_fn, ctx.params = graph, chunks, edge_fn, params
+        device = q.device.type  # the backward recomputes under the forward's autocast state
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return out
+
+    @staticmethod
+    @once_differentiable  # double backward (force training) is refused loudly: use 'native'
+    def backward(ctx, grad):
+        q, k, v, edge_input = ctx.saved_tensors
+        params = ctx.params
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        need_input = ctx.needs_input_grad[3]
+        d_input = torch.zeros_like(edge_input) if need_input else None
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[6:]) if need]
+        d_params = [None] * len(wanted)
+        q_scaled = q * scale
+        for c in ctx.chunks:
+            rows = edge_input[c.e0 : c.e1].detach().requires_grad_(need_input)
+            device, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                k_edge, v_edge = ctx.edge_fn(rows)  # [Ec, d], recomputed as in the forward
+            dke, dve = _gated_chunk_backward(c, grad, q_scaled, k, v, k_edge.detach(), v_edge.detach(), scale, dq)
+            dk.index_add_(0, c.senders, dke)
+            dv.index_add_(0, c.senders, dve)
+            targets = ([rows] if need_input else []) + wanted
+            if targets:
+                got = torch.autograd.grad((k_edge, v_edge), targets, (dke, dve), allow_unused=True)
+                if need_input:
+                    d_input[c.e0 : c.e1] = got[0]
+                    got = got[1:]
+                for i, g in enumerate(got):  # chunk order: a fixed summation order
+                    if g is not None:
+                        d_params[i] = g if d_params[i] is None else d_params[i].add_(g)
+        it = iter(d_params)
+        grads = [next(it) if need else None for need in ctx.needs_input_grad[6:]]
+        return (dq, dk, dv, d_input, None, None, *grads)
+
+
+@torch.compiler.disable
+def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):
+    if edge_index is not None:
+        # one row per distinct length: the MLP on R ≪ E rows with plain autograd (a small [R, d]
+        # table), then the gather fused into the sum: still no E×d tensor
+        k_table, v_table = edge_fn(edge_input)
+        return _GatedAggregate.apply(q, k, v, k_table, v_table, edge_index, None, graph)
+    return _GatedAggregateEdgeMLP.apply(q, k, v, edge_input, graph, edge_fn, *params)

@@ -89,3 +89,29 @@ def neighbor_attention(q, k, v, k_edge, v_edge, graph: CSRGraph, backend: str | 
 def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph, backend: str | None = None):
     """Σ_j σ(q_i ⊙ k_ij / √d) ⊙ v_ij. q, k, v [N, d]; k_edge, v_edge [E, d] → [N, d]."""
     return _impl(backend, q.device, k_edge.numel()).gated_aggregate(q, k, v, k_edge, v_edge, graph)
+
+
+def gated_aggregate_edges(
+    q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None, backend: str | None = None
+):
+    """`gated_aggregate` with edge features gathered inside the op from a table: edge e uses row
+    edge_index[e] of k_table, v_table [R, d] (one row per distinct edge length; None: R = E), and its
+    message counts edge_count[e] times (merged identical edges; None: once).
+    No E×d tensor is built by the fused backends, forward or backward. → [N, d]"""
+    e_elements = graph.num_edges * q.shape[-1]
+    return _impl(backend, q.device, e_elements).gated_aggregate_edges(
+        q, k, v, k_table, v_table, edge_index, graph, edge_count
+    )
+
+
+def gated_aggregate_edge_mlp(
+    q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None, backend: str | None = None
+):
+    """`gated_aggregate` whose edge features edge_fn(edge_input) → (k_e, v_e) are computed inside the
+    op: per chunk of edges from per-edge geometry (edge_input [E] lengths, edge_index None), or once
+    per row of a distinct-length table (edge_input [R], edge_index [E]) and gathered inside.
+    `params` lists the tensors edge_fn reads (the fused backward returns their gradients). → [N, d]"""
+    e_elements = graph.num_edges * q.shape[-1]
+    return _impl(backend, q.device, e_elements).gated_aggregate_edge_mlp(
+        q, k, v, edge_input, edge_fn, params, graph, edge_index
+    )

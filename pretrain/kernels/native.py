@@ -58,3 +58,36 @@ def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
     messages = gate * (v[graph.senders] + v_edge)
     out = torch.zeros(graph.num_nodes, q.shape[-1], dtype=messages.dtype, device=q.device)
     return out.index_add(0, graph.receivers, messages)
+
+
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
+    """`gated_aggregate` whose edge features are rows of a table: edge e uses row edge_index[e].
+
+    q, k, v: [N, d]; k_table, v_table: [R, d] (R distinct edge lengths, say); edge_index: [E] in [0, R),
+    or None when the table is per edge (R = E, row e); edge_count: [E] multiplicity of each edge
+    (identical edges merged, `CSRGraph.merge_parallel`), None for 1.
+    k_e = k_table[edge_index[e]], v_e = v_table[edge_index[e]];
+    out_i = Σ_e c_e σ(q_i ⊙ (k_j + k_e)/√d) ⊙ (v_j + v_e)   → [N, d]   (c_e = 1: `gated_aggregate`)
+    """
+    k_edge = k_table if edge_index is None else k_table.index_select(0, edge_index)  # [E, d]
+    v_edge = v_table if edge_index is None else v_table.index_select(0, edge_index)
+    if edge_count is None:
+        return gated_aggregate(q, k, v, k_edge, v_edge, graph)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    gate = torch.sigmoid(q[graph.receivers] * (k[graph.senders] + k_edge) * scale)
+    messages = gate * (v[graph.senders] + v_edge) * edge_count.to(gate.dtype).unsqueeze(-1)
+    out = torch.zeros(graph.num_nodes, q.shape[-1], dtype=messages.dtype, device=q.device)
+    return out.index_add(0, graph.receivers, messages)
+
+
+def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):
+    """`gated_aggregate` whose edge features are computed from edge geometry by a small MLP.
+
+    q, k, v: [N, d]; edge_input: [R, ...] per-row geometry (the edge length, [E] or [E, 1]; or one
+    row per distinct length with edge_index [E]); edge_fn(rows) → (k_rows, v_rows) [R, d] each (the
+    encoder's RBF → Linear → activation → … chain); params: the tensors edge_fn reads (its weights;
+    the fused backends return their gradients, autograd here reaches them directly).
+    k_e, v_e = edge_fn(edge_input)[.][edge_index[e]], then `gated_aggregate` → [N, d]
+    """
+    k_table, v_table = edge_fn(edge_input)  # [R, d] each
+    return gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph)

@@ -57,3 +57,20 @@ def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
     v_ij = v.index_select(0, graph.senders) + v_edge
     gate = torch.sigmoid(q.index_select(0, graph.receivers) * k_ij / math.sqrt(q.shape[-1]))
     return torch_scatter.scatter(gate * v_ij, graph.receivers, dim=0, dim_size=graph.num_nodes)
+
+
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
+    _require()
+    k_edge = k_table if edge_index is None else k_table.index_select(0, edge_index)  # [E, d]
+    v_edge = v_table if edge_index is None else v_table.index_select(0, edge_index)
+    if edge_count is None:
+        return gated_aggregate(q, k, v, k_edge, v_edge, graph)
+    k_ij = k.index_select(0, graph.senders) + k_edge  # [E, d]
+    v_ij = (v.index_select(0, graph.senders) + v_edge) * edge_count.to(v_edge.dtype).unsqueeze(-1)
+    gate = torch.sigmoid(q.index_select(0, graph.receivers) * k_ij / math.sqrt(q.shape[-1]))
+    return torch_scatter.scatter(gate * v_ij, graph.receivers, dim=0, dim_size=graph.num_nodes)
+
+
+def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):
+    k_table, v_table = edge_fn(edge_input)  # [R, d]: the dense edge MLP, as GNN code usually runs it
+    return gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph)

@@ -30,8 +30,6 @@ except Exception as exc:  # ImportError, or a triton that cannot initialise on t
     _IMPORT_ERROR = exc
 
 _EDGE_TILE = 16  # edges per tile off-GPU: MP-20 receivers have ~25 neighbours → two tiles
-_TUNE_KEYS = {"attn": ["H", "D"], "gmr": ["d"], "gated": ["d"]}
-_tuned: dict = {}
 
 
 def interpreting() -> bool:
@@ -75,25 +73,20 @@ def _check_device(*tensors: torch.Tensor) -> None:
         raise TypeError("the Triton interpreter does not support bf16; use fp32/fp64 on CPU")
 
 
-def _configs(device: torch.device) -> list:
-    """Edge-tile / warp configurations to try. Several only on CUDA: the interpreter cannot
-    benchmark configurations (no GPU driver), so it gets the single default one."""
-    if device.type != "cuda":
-        return [triton.Config({"BLOCK_E": _EDGE_TILE}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_E": block_e}, num_warps=warps)
-        for block_e in (8, 16, 32, 64)
-        for warps in (2, 4, 8)
-    ]
+def launch_config(width: int) -> dict:
+    """The one launch configuration of every kernel at feature width `width` (d, or D per head for
+    attention): a fixed rule, no autotuning. Autotuning picks by timing, so two runs (or a run and
+    its resume) could compile different tile sizes and sum in a different order; pinned, the same
+    inputs give the same bits on the same GPU model and Triton version. BLOCK_E = 16: MP-20
+    receivers have ~12–25 neighbours (one or two tiles); warps grow with the feature block.
+    Retune by editing this rule (it is the only place), after measuring on the target GPU."""
+    block_d = min(128, triton.next_power_of_2(max(width, 1)))
+    return {"BLOCK_E": _EDGE_TILE, "num_warps": 4 if block_d >= 128 else 2}
 
 
-def _kernel(name: str, device: torch.device):
-    """The kernel wrapped in triton.autotune (keyed on the feature sizes), built once per device type."""
-    key = (name, device.type)
-    if key not in _tuned:
-        keys = _TUNE_KEYS[name.split("_")[0]]
-        _tuned[key] = triton.autotune(configs=_configs(device), key=keys)(getattr(K, name))
-    return _tuned[key]
+def _kernel(name: str, width: int):
+    """(kernel, its pinned launch meta-parameters) for feature width `width`."""
+    return getattr(K, name), launch_config(width)
 
 
 def _on_device(device: torch.device):
@@ -123,8 +116,9 @@ def gmr(
     if n and d:
         block_d = _block_d(d)
         with _on_device(x.device):
-            _kernel("gmr_fwd_kernel", x.device)[_grid_cols(n, d, block_d)](
-                x, w, senders, offsets, out, d, MEAN=mean, ACC=_acc(out.dtype), BLOCK_D=block_d
+            kernel, cfg = _kernel("gmr_fwd_kernel", d)
+            kernel[_grid_cols(n, d, block_d)](
+                x, w, senders, offsets, out, d, MEAN=mean, ACC=_acc(out.dtype), BLOCK_D=block_d, **cfg
             )
     return out
 
@@ -149,9 +143,10 @@ def gmr_backward(
     if n and d:
         block_d = _block_d(d)
         with _on_device(x.device):
-            _kernel("gmr_bwd_src_kernel", x.device)[_grid_cols(n, d, block_d)](
+            kernel, cfg = _kernel("gmr_bwd_src_kernel", d)
+            kernel[_grid_cols(n, d, block_d)](
                 grad, x, w, receivers, sender_perm, sender_offsets, gx, gw, d,
-                ACC=_acc(x.dtype), BLOCK_D=block_d,
+                ACC=_acc(x.dtype), BLOCK_D=block_d, **cfg,
             )
     return gx, gw
 
@@ -195,9 +190,10 @@ def attention(
     lse = torch.empty(n, h, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if n and h and d:
         with _on_device(q.device):
-            _kernel("attn_fwd_kernel", q.device)[(n, h)](
+            kernel, cfg = _kernel("attn_fwd_kernel", d)
+            kernel[(n, h)](
                 q, k, v, k_edge, v_edge, senders, offsets, out, lse, h, d, 1.0 / math.sqrt(d),
-                ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d),
+                ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d), **cfg,
             )
     return out, lse
 
@@ -222,13 +218,14 @@ def attention_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)  # [E, H, D]
     if n and h and d:
-        scale, meta = 1.0 / math.sqrt(d), dict(ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d))
+        scale = 1.0 / math.sqrt(d)
+        meta = dict(ACC=_acc(q.dtype), BLOCK_D=triton.next_power_of_2(d), **launch_config(d))
         with _on_device(q.device):
-            _kernel("attn_bwd_dst_kernel", q.device)[(n, h)](
+            K.attn_bwd_dst_kernel[(n, h)](
                 q, k, v, k_edge, v_edge, grad, lse, delta, senders, offsets, dq, h, d, scale, **meta
             )
         with _on_device(q.device):
-            _kernel("attn_bwd_src_kernel", q.device)[(n, h)](
+            K.attn_bwd_src_kernel[(n, h)](
                 q, k, v, k_edge, v_edge, grad, lse, delta, receivers, sender_perm, sender_offsets,
                 dk, dv, dke, dve, h, d, scale, **meta,
             )
@@ -258,24 +255,70 @@ attention.register_autograd(_attention_bwd, setup_context=_attention_setup)
 # ---------------------------------------------------------------------------------------------
 
 
+def _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets, edge_count=None):
+    """Launch the gated forward; edge e reads row edge_index[e] of the tables (row e when None) and
+    counts edge_count[e] times (once when None)."""
+    _check_device(q, k, v, k_table, v_table)
+    q, k, v, k_table, v_table = (t.contiguous() for t in (q, k, v, k_table, v_table))
+    n, d = q.shape
+    out = torch.empty_like(q)
+    if n and d:
+        block_d = _block_d(d)
+        with _on_device(q.device):
+            kernel, cfg = _kernel("gated_fwd_kernel", d)
+            kernel[_grid_cols(n, d, block_d)](
+                q, k, v, k_table, v_table, senders if edge_index is None else edge_index,
+                q if edge_count is None else edge_count, senders, offsets, out, d, 1.0 / math.sqrt(d),
+                HAS_INDEX=edge_index is not None, HAS_COUNT=edge_count is not None,
+                ACC=_acc(q.dtype), BLOCK_D=block_d, **cfg,
+            )
+    return out
+
+
+def _gated_backward(grad, q, k, v, k_table, v_table, edge_index, row_perm, row_offsets,
+                    senders, receivers, offsets, sender_perm, sender_offsets, edge_count=None):
+    """(dq, dk, dv, dk_table, dv_table): receiver programs for dq, sender programs for dk / dv (and the
+    per-edge feature gradients when the table is per edge), row programs for a distinct-length table."""
+    _check_device(grad, q, k, v, k_table, v_table)
+    grad, q, k, v, k_table, v_table = (t.contiguous() for t in (grad, q, k, v, k_table, v_table))
+    n, d = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dkt, dvt = torch.empty_like(k_table), torch.empty_like(v_table)
+    has_index = edge_index is not None
+    idx = edge_index if has_index else senders
+    has_count = edge_count is not None
+    cnt = edge_count if has_count else q
+    if n and d:
+        block_d, scale = _block_d(d), 1.0 / math.sqrt(d)
+        meta = dict(ACC=_acc(q.dtype), BLOCK_D=block_d, **launch_config(d))
+        grid = _grid_cols(n, d, block_d)
+        with _on_device(q.device):
+            K.gated_bwd_dst_kernel[grid](
+                q, k, v, k_table, v_table, idx, cnt, grad, senders, offsets, dq, d, scale,
+                HAS_INDEX=has_index, HAS_COUNT=has_count, **meta,
+            )
+            K.gated_bwd_src_kernel[grid](
+                q, k, v, k_table, v_table, idx, cnt, grad, receivers, sender_perm, sender_offsets, dk, dv, dkt, dvt,
+                d, scale, HAS_INDEX=has_index, HAS_COUNT=has_count, STORE_EDGE=not has_index, **meta,
+            )
+            rows = k_table.shape[0]
+            if has_index and rows:
+                K.gated_bwd_row_kernel[_grid_cols(rows, d, block_d)](
+                    q, k, v, k_table, v_table, cnt, grad, senders, receivers, row_perm, row_offsets, dkt, dvt,
+                    d, scale, HAS_COUNT=has_count, **meta,
+                )
+    elif has_index:
+        dkt.zero_(), dvt.zero_()
+    return dq, dk, dv, dkt, dvt
+
+
 @torch.library.custom_op("crystalfm::gated_aggregate", mutates_args=())
 def gated(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_edge: torch.Tensor, v_edge: torch.Tensor,
     senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
     sender_perm: torch.Tensor, sender_offsets: torch.Tensor,
 ) -> torch.Tensor:
-    _check_device(q, k, v, k_edge, v_edge)
-    q, k, v, k_edge, v_edge = (t.contiguous() for t in (q, k, v, k_edge, v_edge))
-    n, d = q.shape
-    out = torch.empty_like(q)
-    if n and d:
-        block_d = _block_d(d)
-        with _on_device(q.device):
-            _kernel("gated_fwd_kernel", q.device)[_grid_cols(n, d, block_d)](
-                q, k, v, k_edge, v_edge, senders, offsets, out, d, 1.0 / math.sqrt(d),
-                ACC=_acc(q.dtype), BLOCK_D=block_d,
-            )
-    return out
+    return _gated_forward(q, k, v, k_edge, v_edge, None, senders, offsets)
 
 
 @gated.register_fake
@@ -289,22 +332,9 @@ def gated_backward(
     senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
     sender_perm: torch.Tensor, sender_offsets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_device(grad, q, k, v, k_edge, v_edge)
-    grad, q, k, v, k_edge, v_edge = (t.contiguous() for t in (grad, q, k, v, k_edge, v_edge))
-    n, d = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dke, dve = torch.empty_like(k_edge), torch.empty_like(v_edge)
-    if n and d:
-        block_d, scale = _block_d(d), 1.0 / math.sqrt(d)
-        meta = dict(ACC=_acc(q.dtype), BLOCK_D=block_d)
-        grid = _grid_cols(n, d, block_d)
-        with _on_device(q.device):
-            _kernel("gated_bwd_dst_kernel", q.device)[grid](q, k, v, k_edge, v_edge, grad, senders, offsets, dq, d, scale, **meta)
-        with _on_device(q.device):
-            _kernel("gated_bwd_src_kernel", q.device)[grid](
-                q, k, v, k_edge, v_edge, grad, receivers, sender_perm, sender_offsets, dk, dv, dke, dve, d, scale, **meta
-            )
-    return dq, dk, dv, dke, dve
+    return _gated_backward(
+        grad, q, k, v, k_edge, v_edge, None, None, None, senders, receivers, offsets, sender_perm, sender_offsets
+    )
 
 
 @gated_backward.register_fake
@@ -323,6 +353,57 @@ def _gated_bwd(ctx, grad):
 
 
 gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# d. sigmoid-gated aggregation reading a per-distinct-length edge-feature table (no E×d tensor)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crystalfm::gated_aggregate_edges", mutates_args=())
+def gated_edges(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+    edge_index: torch.Tensor, edge_count: torch.Tensor, row_perm: torch.Tensor, row_offsets: torch.Tensor,
+    senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
+    sender_perm: torch.Tensor, sender_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """edge_count [E]: each edge's multiplicity, in q's dtype (all ones when nothing was merged)."""
+    return _gated_forward(q, k, v, k_table, v_table, edge_index, senders, offsets, edge_count)
+
+
+@gated_edges.register_fake
+def _(q, k, v, k_table, v_table, edge_index, edge_count, row_perm, row_offsets, senders, receivers, offsets, sender_perm, sender_offsets):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("crystalfm::gated_aggregate_edges_backward", mutates_args=())
+def gated_edges_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_table: torch.Tensor,
+    v_table: torch.Tensor, edge_index: torch.Tensor, edge_count: torch.Tensor, row_perm: torch.Tensor,
+    row_offsets: torch.Tensor, senders: torch.Tensor, receivers: torch.Tensor, offsets: torch.Tensor,
+    sender_perm: torch.Tensor, sender_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_backward(
+        grad, q, k, v, k_table, v_table, edge_index, row_perm, row_offsets,
+        senders, receivers, offsets, sender_perm, sender_offsets, edge_count,
+    )
+
+
+@gated_edges_backward.register_fake
+def _(grad, q, k, v, k_table, v_table, edge_index, edge_count, row_perm, row_offsets, senders, receivers, offsets, sender_perm, sender_offsets):
+    return tuple(torch.empty_like(t) for t in (q, k, v, k_table, v_table))
+
+
+def _gated_edges_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gated_edges_bwd(ctx, grad):
+    grads = gated_edges_backward(grad, *ctx.saved_tensors)
+    return (*grads, *([None] * 9))
+
+
+gated_edges.register_autograd(_gated_edges_bwd, setup_context=_gated_edges_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,3 +429,24 @@ def neighbor_attention(q, k, v, k_edge, v_edge, graph: CSRGraph):
 
 def gated_aggregate(q, k, v, k_edge, v_edge, graph: CSRGraph):
     return gated(q, k, v, k_edge, v_edge, *_csr(graph))
+
+
+def gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph: CSRGraph, edge_count=None):
+    if edge_index is None and edge_count is None:
+        return gated_aggregate(q, k, v, k_table, v_table, graph)
+    if edge_index is None:  # a per-edge table: row e
+        edge_index = torch.arange(graph.num_edges, device=q.device)
+    if edge_count is None:
+        edge_count = torch.ones(graph.num_edges, dtype=q.dtype, device=q.device)
+    row_perm, row_offsets = graph.by_row(edge_index, k_table.shape[0])
+    return gated_edges(
+        q, k, v, k_table, v_table, edge_index, edge_count.to(q.dtype), row_perm, row_offsets, *_csr(graph)
+    )
+
+
+def gated_aggregate_edge_mlp(q, k, v, edge_input, edge_fn, params, graph: CSRGraph, edge_index=None):
+    # The MLP runs as torch ops on the rows it is given (one per distinct length: small; per edge:
+    # E×d, the unfused cost) and the gather is fused into the kernels. An in-kernel edge MLP
+    # (tl.dot per edge tile) is the next step for the per-edge case; see README.
+    k_table, v_table = edge_fn(edge_input)
+    return gated_aggregate_edges(q, k, v, k_table, v_table, edge_index, graph)

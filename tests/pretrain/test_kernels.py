@@ -7,6 +7,7 @@ gradcheck, on empty / isolated / skewed neighbourhoods, and for bit-identical re
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,6 +317,22 @@ def test_benchmark_script_runs_and_reports_ratios(tmp_path):
     assert "| cpu_fused |" in text and "speed-up vs native" in text
 
 
+def test_benchmark_end_to_end_step_runs_and_reports_memory(tmp_path, shared_data):
+    """--e2e on a tiny real batch: the three paths, their time ratios and both memory columns."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "neighbor_scatter.py"
+    spec = importlib.util.spec_from_file_location("neighbor_scatter_bench_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "e2e.md"
+    bench.main(["--e2e", "--e2e-only", "--e2e-atoms", "40", "--e2e-models", "matformer", "--repeats", "1",
+                "--copy-mib", "16", "--markdown", str(out)])
+    text = out.read_text()
+    assert "one matformer training step" in text and "| fused edges (default) | cpu_fused | True |" in text
+    assert "saved activations MB" in text and "peak allocated MB" in text
+
+
 def test_cpu_fused_refuses_double_backward_loudly():
     """Force training differentiates a gradient; the fused backward is not differentiable and must
     say so instead of returning a silently wrong second derivative."""
@@ -331,7 +348,7 @@ def test_cpu_fused_refuses_double_backward_loudly():
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("d", [128, 256])
 def test_triton_on_cuda_matches_native(mp20_graph, op, d):
-    """On a GPU: the compiled kernels (autotuned) against the native path on real MP-20 graphs."""
+    """On a GPU: the compiled kernels (pinned launch configurations) against the native path on real MP-20 graphs."""
     graph = mp20_graph.to("cuda")
     inputs = [x.detach().cuda().requires_grad_() for x in make_inputs(op, graph, d, heads=d // 32, dtype=torch.float32)]
     expected, expected_grads = forward_backward(op, "native", inputs, graph)
@@ -341,3 +358,147 @@ def test_triton_on_cuda_matches_native(mp20_graph, op, d):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     again, again_grads = forward_backward(op, "triton", inputs, graph)
     assert torch.equal(got, again) and all(torch.equal(a, b) for a, b in zip(got_grads, again_grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# edge-feature fusion: gated_aggregate_edges (table rows gathered inside) and
+# gated_aggregate_edge_mlp (edge MLP run inside, per chunk), on real MP-20 graphs
+# ---------------------------------------------------------------------------------------------
+
+FUSED_OPS = ("table", "table_merged", "mlp_per_edge", "mlp_table")
+
+
+def _mp20_edges(records, dtype=torch.float64):
+    """(graph, per-edge lengths [E], distinct lengths [U], index [E]) of a real kNN batch (k=25)."""
+    from data_pipeline.load.collate import BatchViews, collate
+    from data_pipeline.load.neighbors import NeighborRule
+
+    batch = collate(records, BatchViews(graph=NeighborRule()), dtype=dtype)
+    graph = CSRGraph.from_batch(batch).validate()
+    return graph, batch.edge_vectors().norm(dim=-1), batch.edge_lengths.to(dtype), batch.edge_length_index
+
+
+class _EdgeMLP(torch.nn.Module):
+    """RBF(|r|) → Linear → Softplus → Linear → (k_e, v_e): the shape of the encoders' edge MLPs."""
+
+    def __init__(self, d, bins=6, hidden=5, dtype=torch.float64):
+        super().__init__()
+        from pretrain.encoders.blocks import GaussianRBF
+
+        self.rbf = GaussianRBF(0.0, 6.0, bins)
+        self.first = torch.nn.Linear(bins, hidden, dtype=dtype)
+        self.second = torch.nn.Linear(hidden, 2 * d, dtype=dtype)
+
+    def forward(self, length):
+        return self.second(torch.nn.functional.softplus(self.first(self.rbf(length)))).chunk(2, dim=-1)
+
+
+def _fused_inputs(op, graph, lengths, table, d, dtype=torch.float64, seed=0):
+    """(tensors to differentiate, call(backend, *tensors)) for one fused op."""
+    g = torch.Generator().manual_seed(seed)
+    n = graph.num_nodes
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    q, k, v = rand(n, d), rand(n, d), rand(n, d)
+    index = table[1]
+    if op.startswith("table"):
+        rows = table[0].numel()
+        kt, vt = rand(rows, d), rand(rows, d)
+        if op == "table":
+            return [q, k, v, kt, vt], lambda b, *xs: kernels.gated_aggregate_edges(*xs, index, graph, backend=b)
+        merged, merged_index, count = graph.merge_parallel(index, rows)  # identical edges, counted
+        assert merged.num_edges < graph.num_edges and int(count.sum()) == graph.num_edges
+        return [q, k, v, kt, vt], lambda b, *xs: kernels.gated_aggregate_edges(
+            *xs, merged_index, merged.validate(), edge_count=count, backend=b
+        )
+    torch.manual_seed(seed)
+    mlp = _EdgeMLP(d, dtype=dtype)
+    params = list(mlp.parameters())
+    rows = (lengths if op == "mlp_per_edge" else table[0]).detach().clone().requires_grad_()
+    idx = None if op == "mlp_per_edge" else index
+
+    def call(b, q, k, v, rows, *_params):  # gradcheck perturbs the parameters in place
+        return kernels.gated_aggregate_edge_mlp(q, k, v, rows, mlp, params, graph, edge_index=idx, backend=b)
+
+    return [q, k, v, rows, *params], call
+
+
+FUSED_BACKENDS = [b for b in BACKENDS if b.values[0] != "native"]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_fused_edge_ops_fp64_gradcheck_on_real_mp20(mp20_records, backend, op):
+    """Every input, the distinct-length table or the per-edge lengths, and the edge MLP's weights,
+    on two real MP-20 crystals (kNN k=25, ties kept)."""
+    graph, lengths, table, index = _mp20_edges(mp20_records[:2])
+    inputs, call = _fused_inputs(op, graph, lengths, (table, index), d=3)
+    assert torch.autograd.gradcheck(
+        lambda *xs: call(backend, *xs), inputs, fast_mode=backend == "triton", atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_fused_edge_ops_match_native_fp32(mp20_records, backend, op):
+    """float32 against the native definition: 64 crystals (Triton: 4, interpreted), width 48."""
+    records = mp20_records[:4] if backend == "triton" else mp20_records
+    graph, lengths, table, index = _mp20_edges(records, torch.float32)
+    inputs, call = _fused_inputs(op, graph, lengths, (table, index), d=48, dtype=torch.float32)
+    expected = call("native", *inputs)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    got = call(backend, *inputs)
+    got_grads = torch.autograd.grad(got, inputs, grad_out)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    for i, (a, b) in enumerate(zip(got_grads, expected_grads)):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4, msg=lambda m: f"{backend} {op} grad {i}: {m}")
+    again = call(backend, *inputs)
+    again_grads = torch.autograd.grad(again, inputs, grad_out)
+    assert torch.equal(got, again) and all(torch.equal(a, b) for a, b in zip(got_grads, again_grads))
+
+
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_fused_edge_ops_chunking_does_not_change_results(mp20_records, monkeypatch, op):
+    """Many chunk boundaries (per-chunk partial weight gradients, summed in chunk order) change
+    nothing beyond rounding."""
+    from pretrain.kernels import cpu_fused
+
+    graph, lengths, table, index = _mp20_edges(mp20_records)
+    inputs, call = _fused_inputs(op, graph, lengths, (table, index), d=16)
+    monkeypatch.setattr(cpu_fused, "CHUNK_EDGES", 10**9)
+    expected = torch.autograd.grad(call("cpu_fused", *inputs).sum(), inputs)
+    monkeypatch.setattr(cpu_fused, "CHUNK_EDGES", 100)
+    assert len(graph.receiver_chunks(100 * 128 // 48)) > 5
+    got = torch.autograd.grad(call("cpu_fused", *inputs).sum(), inputs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-12)
+
+
+def test_merged_parallel_edges_give_the_same_sum(mp20_records):
+    """Merging edges with the same receiver, sender and length row, weighted by their count, gives
+    the unmerged sum (and gradients) of the native definition; MP-20 has ~1.5 edges per merged edge."""
+    graph, lengths, table, index = _mp20_edges(mp20_records)
+    merged, merged_index, count = graph.merge_parallel(index, table.numel())
+    assert graph.num_edges / merged.num_edges > 1.2
+    inputs, call = _fused_inputs("table", graph, lengths, (table, index), d=8)
+    expected = torch.autograd.grad(call("native", *inputs).square().sum(), inputs)
+    for backend in ("native", "cpu_fused"):
+        out = kernels.gated_aggregate_edges(*inputs, merged_index, merged, edge_count=count, backend=backend)
+        got = torch.autograd.grad(out.square().sum(), inputs)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_triton_launch_configs_are_pinned_per_width():
+    """No autotuning: one launch configuration per width, from a fixed rule (resumed runs and reruns
+    compile the same kernels and sum in the same order)."""
+    if triton_backend.triton is None:
+        pytest.skip("triton is not importable")
+    assert triton_backend.launch_config(128) == {"BLOCK_E": 16, "num_warps": 4}
+    assert triton_backend.launch_config(32) == {"BLOCK_E": 16, "num_warps": 2}
+    assert triton_backend.launch_config(256) == triton_backend.launch_config(128)
+    source = Path(triton_backend.__file__).read_text()
+    assert "triton.autotune" not in source and "autotune(" not in source

@@ -47,6 +47,17 @@ def test_opcheck_gated_aggregate(graph):
     torch.library.opcheck(triton_backend.gated, args)
 
 
+def test_opcheck_gated_aggregate_edges(graph):
+    """The table-gather op: edges read rows of a 3-row table, each row reached by 1–3 edges and one by
+    none (its gradient is 0)."""
+    index = torch.tensor([2, 0, 2, 0, 2, 1])
+    index[index == 1] = 0  # row 1 unused
+    row_perm, row_offsets = graph.by_row(index, 3)
+    count = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0, 1.0], dtype=torch.float64)
+    args = (_rand(4, 5), _rand(4, 5), _rand(4, 5), _rand(3, 5), _rand(3, 5), index, count, row_perm, row_offsets, *_csr(graph))
+    torch.library.opcheck(triton_backend.gated_edges, args)
+
+
 def test_compiled_layer_keeps_the_fused_op_and_matches_eager(graph):
     """torch.compile (aot_eager: no C++ toolchain needed) traces through the custom op with
     fullgraph=True, i.e. the fake registration is enough and there is no graph break."""
