@@ -96,7 +96,8 @@ def run(op, backend, inputs, graph):
 
 def forward_backward(op, backend, inputs, graph, seed=1):
     out = run(op, backend, inputs, graph)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    # drawn on the CPU (the same numbers on every device), then moved to the output's device
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
     grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
     return out.detach(), grads
