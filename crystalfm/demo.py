@@ -28,8 +28,9 @@ from pathlib import Path
 from crystalfm_common.metrics import metric_name
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "crystals.csv.gz"
+# atom_features: magpie — the atom embedding starts from element properties (docs/mp20_study.md, fourth study)
 DEMO_PDDFORMER = {"name": "pddformer", "width": 64, "num_layers": 2, "rbf_bins": 16, "pdd_k": 12,
-                  "neighbor_rule": {"kind": "knn", "k": 8, "cutoff": 4.0}}
+                  "atom_features": "magpie", "neighbor_rule": {"kind": "knn", "k": 8, "cutoff": 4.0}}
 TINY_TOKENS = {"name": "jepa_transformer", "width": 32, "num_layers": 1, "heads": 2}
 TASK_NAME = "formation_energy_per_atom"
 
