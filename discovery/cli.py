@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=None, help="denoising / ODE steps (default: T for ddpm, 50 for latent)")
     gen.add_argument("--num-atoms-from", default=None, help="shard set whose atom-count histogram the latent generator uses")
+    gen.add_argument("--species", default="trained",
+                     help="ddpm: species allowed in samples: 'trained' (those in the training crystals, stored in the release), "
+                          "'all', or a comma-separated list of symbols (Li,Fe,O)")
+    gen.add_argument("--species-from", default=None, help="ddpm: allow only the species of these crystals (shards or a CSV of CIFs)")
+    gen.add_argument("--max-z", type=int, default=94, help="ddpm: also drop species above this Z (94: CHGNet's table; 0 keeps all)")
     gen.add_argument("--out", default="samples", help="writes <out>/cif/*.cif and <out>/samples.csv")
 
     ev = sub.add_parser("evaluate", help="V.S.U.N. and CDVAE's generation metrics of one or more sample sets (each set is one sampling run)")
@@ -77,12 +82,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> int:
-    from discovery.generate import atom_count_distribution, sample_generator, write_samples
+    from discovery.generate import atom_count_distribution, sample_generator, species_of, write_samples
     from pretrain.release import load_pretrained
 
     objective = load_pretrained(args.model)
     counts = atom_count_distribution(args.num_atoms_from) if args.num_atoms_from else None
-    records = sample_generator(objective, args.n, seed=args.seed, steps=args.steps, atom_counts=counts)
+    if args.species_from:
+        species = species_of(args.species_from)
+    elif args.species in ("trained", "all"):
+        species = args.species
+    else:
+        species = [s.strip() for s in args.species.split(",") if s.strip()]
+    records = sample_generator(objective, args.n, seed=args.seed, steps=args.steps, atom_counts=counts,
+                               species=species, max_z=args.max_z or None)
     out = write_samples(records, args.out)
     print(f"wrote {len(records)} crystals to {out}/cif and {out}/samples.csv")
     return 0
