@@ -41,9 +41,11 @@ def species_of(spec: str | Path) -> list[int]:
 
     path = Path(str(spec))
     if (path / "manifest.json").is_file():
+        from pymatgen.core import Element
+
         statistics = load_manifest(path).get("statistics", {})
-        found = {int(z) for split in statistics.values() if isinstance(split, dict)
-                 for z in (split.get("element_crystals") or {})}
+        found = {Element(symbol).Z for split in statistics.values() if isinstance(split, dict)
+                 for symbol in (split.get("elements") or {})}
         if found:
             return sorted(found)
     from discovery.references import load_crystals
