@@ -18,15 +18,21 @@ mkdir -p $R
 $PIN crystalfm finetune export-split mp20_formation_energy_per_atom --split test --out-dir $R/holdout_test
 $PIN crystalfm data build configs/data_mp20_generator.yaml --inline --no-progress
 
-# 2. the DDPM generator: 6 layers × 128, T = 256, 12,000 steps of 512 atoms (~115 epochs, ~40 min)
+# 2. the DDPM generator: 6 layers × 128, T = 256, 5,500 steps of 1,024 atoms (107 epochs, 35 min)
 $PIN crystalfm pretrain train configs/pretrain_ddpm_cpu.yaml
 crystalfm pretrain release $R/ddpm/checkpoints --out $R/releases/ddpm --no-register
 #    quick validity checks of the checkpoints (100 samples each, struct + comp only)
-for step in $R/ddpm/checkpoints/step_*; do
-  $PIN python scripts/ddpm_quick_validity.py $step --n 100 --steps 256 >> $R/quick_validity.jsonl
+for step in 00001000 00003000 00005500; do
+  $PIN python scripts/ddpm_quick_validity.py $R/ddpm/checkpoints/step_$step --n 100 --steps 64 >> $R/quick_validity.jsonl
 done
+$PIN python scripts/ddpm_quick_validity.py $R/ddpm/checkpoints/step_00005500 --n 100 --steps 256 >> $R/quick_validity.jsonl
+#    why structural validity fails (collisions inside the cell / across a face / self-image)
+$PIN crystalfm discovery generate $R/releases/ddpm --n 100 --seed 1000 --steps 256 --out $R/samples_check
+$PIN python scripts/ddpm_collisions.py $R/samples_check
 python scripts/plot_learning_curve.py $R/ddpm/metrics.jsonl docs/discovery_mp20/ddpm_learning_curve.png \
   --validity $R/quick_validity.jsonl
+
+# ---- Steps 1-2 were run in session gen2 (docs/discovery_mp20.md); steps 3-6 are prepared, NOT yet run. ----
 
 # 3. three sampling runs of 200 crystals, full chain (256 steps), species: trained ones, Z <= 94
 for seed in 0 1 2; do
@@ -35,9 +41,9 @@ done
 
 # 4. CDVAE's generation metrics of the 3 runs against 500 test-half crystals (seeded subsample)
 $PIN crystalfm discovery evaluate $R/samples0 $R/samples1 $R/samples2 --test-set $TEST --no-vsun \
-  --subsample 500 --seed 0 --out $R/genmetrics
+  --subsample 250 --seed 0 --out $R/genmetrics
 #    the same metrics for the training crystals themselves (a baseline: real vs real)
-$PIN crystalfm discovery evaluate $TRAIN --test-set $TEST --no-vsun --subsample 500 --seed 0 --out $R/genmetrics_train
+$PIN crystalfm discovery evaluate $TRAIN --test-set $TEST --no-vsun --subsample 250 --seed 0 --out $R/genmetrics_train
 
 # 5. V.S.U.N. of each run (CHGNet, 50 FIRE steps; reference = the generator's training shards)
 for seed in 0 1 2; do
