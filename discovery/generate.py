@@ -34,14 +34,38 @@ def atom_count_distribution(shard_dir: str | Path, split: str = "train") -> dict
     return {int(k): int(v) for k, v in hist.items()}
 
 
+def species_of(spec: str | Path) -> list[int]:
+    """The atomic numbers a set of crystals contains: a shard set (its manifest's element
+    histogram, every split) or anything `discovery.references.load_crystals` reads."""
+    from data_pipeline.manifest import load_manifest
+
+    path = Path(str(spec))
+    if (path / "manifest.json").is_file():
+        from pymatgen.core import Element
+
+        statistics = load_manifest(path).get("statistics", {})
+        found = {Element(symbol).Z for split in statistics.values() if isinstance(split, dict)
+                 for symbol in (split.get("elements") or {})}
+        if found:
+            return sorted(found)
+    from discovery.references import load_crystals
+
+    found = {int(z) for record in load_crystals(spec, ("train", "val")) for z in record.atomic_numbers}
+    if not found:
+        raise ValueError(f"{spec}: no crystals to take species from")
+    return sorted(found)
+
+
 def sample_generator(objective, n: int, seed: int = 0, steps: int | None = None,
-                     atom_counts: dict[int, int] | None = None, source: str | None = None) -> list[CrystalRecord]:
-    """n crystals from a released generator objective (ddpm or latent_flow)."""
+                     atom_counts: dict[int, int] | None = None, source: str | None = None,
+                     species=None, max_z: int | None = 94) -> list[CrystalRecord]:
+    """n crystals from a released generator objective (ddpm or latent_flow). species / max_z
+    restrict the ddpm's species (`DDPMObjective.allowed_species`: default those it was trained on, Z ≤ 94)."""
     from pretrain.objectives.ddpm import DDPMObjective
     from pretrain.objectives.latent_flow import LatentFlowObjective
 
     if isinstance(objective, DDPMObjective):
-        return objective.sample(n, seed=seed, steps=steps, source=source or "ddpm")
+        return objective.sample(n, seed=seed, steps=steps, source=source or "ddpm", species=species, max_z=max_z)
     if isinstance(objective, LatentFlowObjective):
         if not atom_counts:
             raise ValueError("the latent generator needs atom counts: pass --num-atoms-from SHARDS (a shard set)")

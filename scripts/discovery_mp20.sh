@@ -1,54 +1,61 @@
 #!/usr/bin/env bash
-# Small CPU run of the discovery chain on MP-20 (see docs/discovery_mp20.md for results).
-# Run from the repository root with the venv active. Every process single-threaded: the
-# shared 2-core machine collapses under multi-threading.
+# The CPU discovery run on MP-20 of docs/discovery_mp20.md (#12): a DDPM generator trained ~40 min
+# on one core, 3 sampling runs of 200 crystals, CDVAE's generation metrics, V.S.U.N. with CHGNet
+# relaxations, and one refinement round. Run from the repository root with the venv active.
+# Every heavy process is single-threaded and pinned to one core (CORE, default 1): the machine has
+# 2 cores and the other one is someone else's.
 set -euo pipefail
 export OMP_NUM_THREADS=1
+CORE=${CORE:-1}
+PIN="nice taskset -c $CORE"
 R=runs/discovery_mp20
-SHARDS=runs/mp20_study/shards          # existing MP-20 shard set (has manifest.json)
-REF=../shared/data/mp_20/train.csv.gz
+TRAIN=../shared/data/mp_20/train.csv.gz
+TEST=../shared/data/mp_20/val.csv.gz:test      # MP-20's held-out test half (finetune's val_test rule)
 ELEM=../shared/data/mp_entries/mbd_2023-02-07-mp-elemental-reference-entries.json.gz
 mkdir -p $R
-# If no shard set exists yet:
-# crystalfm data build --source cdvae_csv:../shared/data/mp_20/train.csv.gz:mp20 --out $R/shards && SHARDS=$R/shards
 
-# 1. tiny DDPM generator (2 layers, width 128, 4 heads, T=64), 200 steps
-crystalfm pretrain train configs/pretrain_cpu_smoke.yaml \
-  'objective={name: ddpm, layers: 2, width: 128, heads: 4, steps: 64}' \
-  train.max_steps=200 train.zero_stage=0 train.log_every=25 checkpoint.every_steps=100 \
-  data.shards=$SHARDS run.root=$R run.name=ddpm tracking.experiment=discovery-mp20
+# 1. shards: both MP-20 files minus every structure matching a test-half crystal (1.5 min)
+$PIN crystalfm finetune export-split mp20_formation_energy_per_atom --split test --out-dir $R/holdout_test
+$PIN crystalfm data build configs/data_mp20_generator.yaml --inline --no-progress
+
+# 2. the DDPM generator: 6 layers × 128, T = 256, 5,500 steps of 1,024 atoms (107 epochs, 35 min)
+$PIN crystalfm pretrain train configs/pretrain_ddpm_cpu.yaml
 crystalfm pretrain release $R/ddpm/checkpoints --out $R/releases/ddpm --no-register
+#    quick validity checks of the checkpoints (100 samples each, struct + comp only)
+for step in 00001000 00003000 00005500; do
+  $PIN python scripts/ddpm_quick_validity.py $R/ddpm/checkpoints/step_$step --n 100 --steps 64 >> $R/quick_validity.jsonl
+done
+$PIN python scripts/ddpm_quick_validity.py $R/ddpm/checkpoints/step_00005500 --n 100 --steps 256 >> $R/quick_validity.jsonl
+#    why structural validity fails (collisions inside the cell / across a face / self-image)
+$PIN crystalfm discovery generate $R/releases/ddpm --n 100 --seed 1000 --steps 256 --out $R/samples_check
+$PIN python scripts/ddpm_collisions.py $R/samples_check
+python scripts/plot_learning_curve.py $R/ddpm/metrics.jsonl docs/discovery_mp20/ddpm_learning_curve.png \
+  --validity $R/quick_validity.jsonl
 
-# 2. tiny Crys-JEPA (jepa_transformer width 64, 2 layers, 4 heads), 150 steps
-crystalfm pretrain train configs/pretrain_cpu_smoke.yaml \
+# ---- Steps 1-2 were run in session gen2 (docs/discovery_mp20.md); steps 3-6 are prepared, NOT yet run. ----
+
+# 3. three sampling runs of 200 crystals, full chain (256 steps), species: trained ones, Z <= 94
+for seed in 0 1 2; do
+  $PIN crystalfm discovery generate $R/releases/ddpm --n 200 --seed $seed --steps 256 --out $R/samples$seed
+done
+
+# 4. CDVAE's generation metrics of the 3 runs against 500 test-half crystals (seeded subsample)
+$PIN crystalfm discovery evaluate $R/samples0 $R/samples1 $R/samples2 --test-set $TEST --no-vsun \
+  --subsample 250 --seed 0 --out $R/genmetrics
+#    the same metrics for the training crystals themselves (a baseline: real vs real)
+$PIN crystalfm discovery evaluate $TRAIN --test-set $TEST --no-vsun --subsample 250 --seed 0 --out $R/genmetrics_train
+
+# 5. V.S.U.N. of each run (CHGNet, 50 FIRE steps; reference = the generator's training shards)
+for seed in 0 1 2; do
+  $PIN crystalfm discovery evaluate $R/samples$seed --reference $R/shards --reference-splits train,val \
+    --elemental-refs $ELEM --relax-steps 50 --no-generation-metrics --out $R/vsun$seed
+done
+
+# 6. one refinement round, ranked by the small Crys-JEPA of the ranker table (gen12)
+$PIN crystalfm data build --source cdvae_csv:$TRAIN:mp20 --out $R/shards_train --inline --no-progress
+$PIN crystalfm pretrain train configs/pretrain_cpu_smoke.yaml \
   'objective={name: jepa, encoder: {name: jepa_transformer, width: 64, num_layers: 2, heads: 4}}' \
-  train.max_steps=150 train.zero_stage=0 train.log_every=25 checkpoint.every_steps=75 \
-  data.shards=$SHARDS run.root=$R run.name=jepa tracking.experiment=discovery-mp20
+  train.max_steps=400 train.zero_stage=0 data.shards=$R/shards_train run.root=$R run.name=jepa
 crystalfm pretrain release $R/jepa/checkpoints --out $R/releases/jepa --no-register
-
-# 3. two sampling runs of 24 crystals, 32 denoising steps
-crystalfm discovery generate $R/releases/ddpm --n 24 --seed 0 --steps 32 --out $R/samples0
-crystalfm discovery generate $R/releases/ddpm --n 24 --seed 1 --steps 32 --out $R/samples1
-
-# 4. V.S.U.N. over both runs (CHGNet relaxation, 50 FIRE steps, valid crystals only)
-#    (6 min: SMACT validity is very slow on two 12-element compositions in run 0, see the doc)
-crystalfm discovery evaluate $R/samples0 $R/samples1 --reference $REF --elemental-refs $ELEM \
-  --relax-steps 50 --out $R/vsun
-
-#    also run, on the second core while the above was busy: run 1 alone
-crystalfm discovery evaluate $R/samples1 --reference $REF --elemental-refs $ELEM \
-  --relax-steps 50 --out $R/vsun_run1
-
-# 5. Crys-JEPA screen, Spearman rho of D_C vs E_hull (run 0 with the two-run table, run 1
-#    with the run-1-only table); screen_noeval was an earlier call without --evaluation
-crystalfm discovery screen $R/samples0 --jepa $R/releases/jepa --reference $REF \
-  --keep 0.25 --out $R/screen_noeval
-crystalfm discovery screen $R/samples1 --jepa $R/releases/jepa --reference $REF \
-  --evaluation $R/vsun_run1/vsun_table.csv --keep 0.25 --out $R/screen_run1
-crystalfm discovery screen $R/samples0 --jepa $R/releases/jepa --reference $REF \
-  --evaluation $R/vsun/vsun_table.csv --keep 0.25 --out $R/screen
-
-# 6. one refinement round
-crystalfm discovery refine generator=$R/releases/ddpm jepa=$R/releases/jepa reference=$REF \
-  elemental_refs=$ELEM out=$R/refine n=16 keep=0.5 sample_steps=32 finetune_steps=20 \
-  relax="{steps: 30}"
+$PIN crystalfm discovery refine generator=$R/releases/ddpm jepa=$R/releases/jepa reference=$R/shards \
+  elemental_refs=$ELEM out=$R/refine n=64 keep=0.25 sample_steps=256 finetune_steps=50 relax="{steps: 50}"

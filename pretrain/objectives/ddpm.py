@@ -13,6 +13,12 @@ accumulates while training and stores in its weights), runs ancestral sampling, 
 frac = ((x + 1)/2) mod 1, Z = argmax of the one-hot part, lattice = S averaged over the crystal's
 atoms (symmetrised, eigenvalues floored at 1 Å so the cell is never degenerate; its orientation
 is the canonical one L = S).
+
+Species are restricted at sampling time to an allowed set (default: the elements the training
+crystals contain, from a second histogram stored in the weights, and Z ≤ 94, CHGNet's table). The
+restriction is a projection onto the data's support, applied at every step of the chain: the
+predicted x̂0's one-hot entries of a disallowed species are set to −1 (the value every training
+token has there), and the final argmax runs over the allowed species only.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from pretrain.objectives.config import parse_config
 from pretrain.objectives.dit import pad_atoms
 
 TOKEN = 3 + MAX_Z + 6
+SAMPLE_MAX_Z = 94  # CHGNet's element table stops at plutonium (discovery.relax.CHGNET_MAX_Z)
 _TRIU = torch.triu_indices(3, 3)
 _DIAG = torch.tensor([True, False, False, True, False, True])  # which polar6 entries are diagonal
 
@@ -109,8 +116,37 @@ class DDPMObjective(Objective):
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(config.steps, config.cosine_s).float())
         # how many training crystals had n atoms (index n); sampling draws from it
         self.register_buffer("atom_counts", torch.zeros(config.max_atoms + 1))
+        # how many training atoms had atomic number Z (index Z − 1); sampling allows only Z seen
+        self.register_buffer("species_counts", torch.zeros(MAX_Z))
         if init_state is not None:
             self.load_state_dict(init_state, strict=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # releases written before the species histogram existed: load them with an empty one
+        # (sampling then allows every Z ≤ max_z)
+        state_dict.setdefault(prefix + "species_counts", torch.zeros(MAX_Z))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def allowed_species(self, species=None, max_z: int | None = SAMPLE_MAX_Z) -> torch.Tensor:
+        """[MAX_Z] bool mask (index Z − 1) of the species sampling may produce.
+
+        species: None or "trained" (the Z the training crystals contain; every Z when the
+        histogram is empty, as in a release older than it), "all", or an iterable of atomic numbers
+        or element symbols. max_z: also drop Z above it (default 94, CHGNet); None keeps all."""
+        z = torch.arange(1, MAX_Z + 1)
+        if species is None or species == "trained":
+            seen = self.species_counts.cpu() > 0
+            mask = seen if bool(seen.any()) else torch.ones(MAX_Z, dtype=torch.bool)
+        elif species == "all":
+            mask = torch.ones(MAX_Z, dtype=torch.bool)
+        else:
+            wanted = {_atomic_number(s) for s in species}
+            mask = torch.isin(z, torch.tensor(sorted(wanted)))
+        if max_z is not None:
+            mask = mask & (z <= max_z)
+        if not bool(mask.any()):
+            raise ValueError(f"no species left to sample (species={species!r}, max_z={max_z})")
+        return mask
 
     def export_config(self) -> dict:
         """The config to save with a checkpoint: sizes inlined, init_from dropped."""
@@ -134,14 +170,19 @@ class DDPMObjective(Objective):
         return torch.cat([2 * batch.frac_coords - 1, 2 * onehot - 1, s6[batch.batch_index]], dim=-1)
 
     @staticmethod
-    def decode_tokens(x: torch.Tensor, mask: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """[B, L, TOKEN] tokens → list of (atomic numbers, frac coords, lattice) per crystal."""
+    def decode_tokens(x: torch.Tensor, mask: torch.Tensor,
+                      species: torch.Tensor | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[B, L, TOKEN] tokens → list of (atomic numbers, frac coords, lattice) per crystal.
+        species: optional [MAX_Z] bool mask; the argmax then runs over those species only."""
         out = []
         diag = _DIAG.to(x.device)
         for tokens, real in zip(x, mask):
             tokens = tokens[real].double()  # [n, TOKEN]
             frac = torch.remainder((tokens[:, :3] + 1) / 2, 1.0)
-            z = tokens[:, 3 : 3 + MAX_Z].argmax(-1) + 1
+            logits = tokens[:, 3 : 3 + MAX_Z]  # [n, MAX_Z]
+            if species is not None:
+                logits = logits.masked_fill(~species.to(logits.device), -math.inf)
+            z = logits.argmax(-1) + 1
             s6 = tokens[:, 3 + MAX_Z :].mean(0)
             s6 = torch.where(diag, s6 * 3.0 + 6.0, s6 * 2.0)
             s = torch.zeros(3, 3, dtype=torch.float64)
@@ -158,6 +199,7 @@ class DDPMObjective(Objective):
         if self.training:
             counts = batch.num_atoms.clamp(max=self.config.max_atoms)
             self.atom_counts += torch.bincount(counts, minlength=self.config.max_atoms + 1).to(self.atom_counts)
+            self.species_counts += torch.bincount(batch.atomic_numbers - 1, minlength=MAX_Z).to(self.species_counts)
         x0, mask = pad_atoms(self.encode_tokens(batch), batch.batch_index, batch.num_atoms)  # [B, L, TOKEN]
         t = torch.randint(0, self.config.steps, (batch.num_crystals,), device=x0.device)  # [B] (0-based step)
         abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1)
@@ -179,12 +221,17 @@ class DDPMObjective(Objective):
         return torch.multinomial(counts / counts.sum(), n, replacement=True, generator=generator)
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, steps: int | None = None, batch_size: int = 256, source: str = "ddpm") -> list[CrystalRecord]:
-        """n crystals by ancestral sampling (reproducible from `seed`). `steps` < T strides the chain."""
+    def sample(self, n: int, seed: int = 0, steps: int | None = None, batch_size: int = 256, source: str = "ddpm",
+               species=None, max_z: int | None = SAMPLE_MAX_Z) -> list[CrystalRecord]:
+        """n crystals by ancestral sampling (reproducible from `seed`). `steps` < T strides the chain.
+        species / max_z: which species may appear (see `allowed_species`; default: those trained on, Z ≤ 94)."""
         was_training = self.training
         self.eval()
         generator = torch.Generator().manual_seed(seed)
         device = self.alphas_cumprod.device
+        allowed = self.allowed_species(species, max_z).to(device)  # [MAX_Z]
+        banned = torch.cat([torch.zeros(3, dtype=torch.bool, device=device), ~allowed,
+                            torch.zeros(6, dtype=torch.bool, device=device)])  # [TOKEN]
         num_atoms = self.draw_num_atoms(n, generator).clamp(min=1)
         records: list[CrystalRecord] = []
         schedule = self._schedule(steps or self.config.steps)
@@ -198,6 +245,7 @@ class DDPMObjective(Objective):
                 abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
                 eps = self.denoiser(x, torch.full((x.shape[0],), t, device=device), mask)
                 x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-3, 3)
+                x0 = x0.masked_fill(banned, -1.0)  # a disallowed species' one-hot entry is −1 in all data
                 # posterior q(x_{t_prev} | x_t, x0) for a (possibly strided) chain
                 alpha = abar / abar_prev
                 mean = (abar_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - abar_prev) * x) / (1 - abar)
@@ -206,7 +254,7 @@ class DDPMObjective(Objective):
                     x = mean + var.sqrt() * torch.randn(x.shape, generator=generator).to(device)
                 else:
                     x = mean
-            for i, (z, frac, lattice) in enumerate(self.decode_tokens(x.cpu(), mask.cpu())):
+            for i, (z, frac, lattice) in enumerate(self.decode_tokens(x.cpu(), mask.cpu(), allowed.cpu())):
                 records.append(CrystalRecord(f"{source}:{seed}-{start + i}", source, z, frac, lattice))
         self.train(was_training)
         return records
@@ -214,6 +262,22 @@ class DDPMObjective(Objective):
     def _schedule(self, steps: int) -> list[tuple[int, int]]:
         ts = np.unique(np.linspace(0, self.config.steps - 1, steps).round().astype(int))[::-1]
         return [(int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+
+
+def _atomic_number(species) -> int:
+    """An atomic number from an int or an element symbol ('Fe')."""
+    from data_pipeline.record import element_symbol
+
+    if isinstance(species, (int, np.integer)) or (isinstance(species, str) and species.isdigit()):
+        z = int(species)
+    else:
+        symbols = {element_symbol(k): k for k in range(1, MAX_Z + 1)}
+        if species not in symbols:
+            raise ValueError(f"unknown element {species!r}")
+        z = symbols[species]
+    if not 1 <= z <= MAX_Z:
+        raise ValueError(f"atomic number {z} is outside 1..{MAX_Z}")
+    return z
 
 
 def build(config: dict, init_source=None) -> DDPMObjective:

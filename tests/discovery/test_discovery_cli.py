@@ -65,6 +65,28 @@ def test_generate_writes_cifs_that_round_trip_through_the_readers(workspace, cap
     assert (out / "samples.csv").read_text() == (again / "samples.csv").read_text()
 
 
+def test_generate_keeps_to_the_species_asked_for(workspace, mp20_records):
+    import numpy as np
+
+    trained = {int(z) for r in mp20_records[:16] for z in r.atomic_numbers}
+
+    def species(out):
+        return set(np.concatenate([r.atomic_numbers for r in read_samples(out)]).tolist())
+
+    base = ["generate", str(workspace / "ddpm"), "--n", "8", "--seed", "5", "--steps", "8"]
+    assert main(base + ["--out", str(workspace / "sp_default")]) == 0  # default: trained species, Z ≤ 94
+    assert species(workspace / "sp_default") <= trained
+    assert main(base + ["--species", "all", "--max-z", "0", "--out", str(workspace / "sp_all")]) == 0
+    assert species(workspace / "sp_all") - trained  # unrestricted it strays, so the checks above can fail
+    assert main(base + ["--species", "Li,O,Fe", "--out", str(workspace / "sp_list")]) == 0
+    assert species(workspace / "sp_list") <= {3, 8, 26}
+    assert main(base + ["--species-from", str(workspace / "reference.csv"), "--out", str(workspace / "sp_from")]) == 0
+    from discovery.references import load_crystals
+
+    assert species(workspace / "sp_from") <= {int(z) for r in load_crystals(workspace / "reference.csv") for z in r.atomic_numbers}
+    assert main(base + ["--species", "Xx", "--out", str(workspace / "sp_bad")]) == 2  # unknown element: a clear error
+
+
 def test_evaluate_and_screen(workspace, shared_data, capsys):
     samples = workspace / "samples"
     if not samples.exists():
@@ -86,6 +108,17 @@ def test_evaluate_and_screen(workspace, shared_data, capsys):
     for row in table:
         assert (row["VSUN"] == "True") == (row["valid"] == "True" and row["SUN"] == "True"), row
     assert (ev / "stability_vs_novelty.png").stat().st_size > 0
+
+    # V.S.U.N. alone: the same per-crystal verdicts, no CrystalNN fingerprints, no generation metrics
+    only = workspace / "vsun_only"
+    assert main(["evaluate", str(samples), "--reference", str(workspace / "reference.csv"), "--elemental-refs", str(refs),
+                 "--relax-steps", "3", "--no-generation-metrics", "--out", str(only)]) == 0
+    assert not (only / "generation_metrics.json").exists()
+    with open(only / "vsun_table.csv") as handle:
+        assert [r["VSUN"] for r in csv.DictReader(handle)] == [r["VSUN"] for r in table[:6]]
+    assert "cov_recall" not in (only / "evaluation.md").read_text() and "VSUN" in (only / "evaluation.md").read_text()
+    assert main(["evaluate", str(samples), "--reference", str(workspace / "reference.csv"),
+                 "--no-vsun", "--no-generation-metrics"]) == 2
 
     for ranker in ("jepa", "fingerprint"):
         out = workspace / f"screen_{ranker}"

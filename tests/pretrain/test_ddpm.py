@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from data_pipeline.load.collate import collate
@@ -71,3 +72,67 @@ def test_ddpm_learns_and_samples_reproducibly(mp20_records):
         np.testing.assert_allclose(a.frac_coords, b.frac_coords)
         assert a.num_atoms in set(int(n) for n in batch.num_atoms)
         assert a.volume > 1.0 and np.all((a.atomic_numbers >= 1) & (a.atomic_numbers <= 100))
+
+
+def _trained_briefly(records, steps=30):
+    torch.manual_seed(0)
+    objective = build_objective(SMALL)
+    batch = collate(records)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=2e-3)
+    for _ in range(steps):
+        loss, _ = objective.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return objective, batch
+
+
+def test_species_histogram_counts_every_training_atom(mp20_records):
+    objective, batch = _trained_briefly(mp20_records[:8], steps=3)
+    expected = torch.bincount(batch.atomic_numbers - 1, minlength=100) * 3
+    torch.testing.assert_close(objective.species_counts, expected.to(objective.species_counts))
+    trained = set(torch.nonzero(expected).flatten().add(1).tolist())
+    mask = objective.allowed_species()
+    assert set(torch.nonzero(mask).flatten().add(1).tolist()) == {z for z in trained if z <= 94}
+
+
+def test_sampling_keeps_to_the_allowed_species(mp20_records):
+    objective, batch = _trained_briefly(mp20_records[:8])
+    trained = set(batch.atomic_numbers.tolist())
+    # unrestricted, a briefly trained generator strays outside its training species (so the checks
+    # below can fail); restricted, it never does
+    free = objective.sample(12, seed=1, steps=8, species="all", max_z=None)
+    assert set(np.concatenate([s.atomic_numbers for s in free]).tolist()) - trained
+    for sample in objective.sample(12, seed=1, steps=8):
+        assert set(sample.atomic_numbers.tolist()) <= trained
+    picked = objective.sample(12, seed=1, steps=8, species=["Li", "O", 26])
+    assert set(np.concatenate([s.atomic_numbers for s in picked]).tolist()) <= {3, 8, 26}
+    for sample in objective.sample(12, seed=1, steps=8, species="all"):  # max_z 94 by default
+        assert sample.atomic_numbers.max() <= 94
+
+
+def test_decode_argmax_respects_the_species_mask():
+    x = -torch.ones(1, 2, 3 + 100 + 6)
+    x[0, 0, 3 + 1] = 1.0  # He wins the unmasked argmax on atom 0
+    x[0, 0, 3 + 7] = 0.5  # O second
+    x[0, 1, 3 + 94] = 1.0  # Am (Z = 95) on atom 1, then Fe
+    x[0, 1, 3 + 25] = 0.2
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    (z, _, _), = build_objective(SMALL).decode_tokens(x, mask)
+    assert z.tolist() == [2, 95]
+    allowed = torch.ones(100, dtype=torch.bool)
+    allowed[[1, 94]] = False  # He and Am (index Z − 1) banned
+    (z, _, _), = build_objective(SMALL).decode_tokens(x, mask, allowed)
+    assert z.tolist() == [8, 26]
+
+
+def test_release_without_species_histogram_still_loads(mp20_records):
+    objective, batch = _trained_briefly(mp20_records[:4], steps=2)
+    state = {k: v for k, v in objective.state_dict().items() if k != "species_counts"}
+    old = build_objective(SMALL)
+    old.load_state_dict(state, strict=True)
+    assert float(old.species_counts.sum()) == 0
+    mask = old.allowed_species()  # an empty histogram allows every Z up to max_z
+    assert int(mask.sum()) == 94
+    with pytest.raises(ValueError, match="no species"):
+        old.allowed_species(["Cm"])  # Z = 96 > 94

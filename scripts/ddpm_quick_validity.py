@@ -1,0 +1,60 @@
+"""Quick progress check of a DDPM generator: sample N crystals, report structural and
+compositional validity only (no CHGNet, no CrystalNN), seconds per check.
+
+    python scripts/ddpm_quick_validity.py RUN/checkpoints/step_00001000 [--n 100] [--steps 100]
+    python scripts/ddpm_quick_validity.py RELEASE_DIR ...
+
+A checkpoint step folder is consolidated in memory (no release is written). Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def load(path: Path):
+    if (path / "meta.json").is_file():  # a trainer checkpoint step folder
+        from pretrain.objectives import build_objective
+        from pretrain.release import consolidate_fp32
+
+        meta = json.loads((path / "meta.json").read_text())
+        objective = build_objective(meta["objective"])
+        objective.load_state_dict(consolidate_fp32(path), strict=True)
+        return objective.eval(), meta.get("step")
+    from pretrain.release import load_pretrained
+
+    return load_pretrained(path), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--species", default="trained")
+    args = parser.parse_args()
+    from discovery.validity import compositional_validity, structural_validity
+
+    objective, step = load(Path(args.model))
+    start = time.perf_counter()
+    samples = objective.sample(args.n, seed=args.seed, steps=args.steps, species=args.species)
+    sample_s = time.perf_counter() - start
+    struct = [structural_validity(s)[0] for s in samples]
+    comp = [compositional_validity(s)[0] for s in samples]
+    elements = [len(set(s.atomic_numbers.tolist())) for s in samples]
+    vpa = [s.volume / s.num_atoms for s in samples]
+    print(json.dumps({"model": args.model, "step": step, "n": args.n, "sample_steps": args.steps or objective.config.steps,
+                      "struct_valid": float(np.mean(struct)), "comp_valid": float(np.mean(comp)),
+                      "valid": float(np.mean(np.array(struct) & np.array(comp))),
+                      "elements_median": float(np.median(elements)), "elements_max": int(max(elements)),
+                      "volume_per_atom_median": float(np.median(vpa)), "sample_s": round(sample_s, 1),
+                      "total_s": round(time.perf_counter() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
