@@ -172,6 +172,8 @@ def build(config: BuildConfig, *, progress: bool = True, log: Callable[[str], No
         split_stage(state)
         shard_infos = write_stage(state, progress, log)
         manifest = finish(state, shard_infos, log)
+        if isinstance(state.executor, RayExecutor) and config.ray_address:
+            log(f"Ray: {state.executor.placement()}")
     except Exception:
         if not keep_failed:
             removed = created.remove_new(out)
@@ -322,8 +324,17 @@ def connect_ray(address: str | None, num_workers: int | None, log, verbose: bool
     return True
 
 
+def _on_node(fn, *args):
+    """A stage task as Ray runs it: the result, and the address of the Ray node that ran it."""
+    import ray
+
+    return ray.util.get_node_ip_address(), fn(*args)
+
+
 class RayExecutor:
-    """Stage tasks as Ray tasks (one CPU each); results are fetched in submission order."""
+    """Stage tasks as Ray tasks (one CPU each); results are fetched in submission order.
+    `tasks_per_node` counts where they ran (node address → tasks), so a build on a cluster can say
+    whether every node took part (`build()` logs it)."""
 
     def __init__(self, num_workers: int | None):
         import ray
@@ -331,18 +342,25 @@ class RayExecutor:
         self._ray = ray
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.parallelism = min(num_workers, cpus) if num_workers else cpus
-        self._remotes: dict = {}
+        self._remote = ray.remote(num_cpus=1, max_retries=2)(_on_node)
+        self.tasks_per_node: dict[str, int] = {}
 
     def submit(self, fn, *args):
-        if fn not in self._remotes:
-            self._remotes[fn] = self._ray.remote(num_cpus=1, max_retries=2)(fn)
-        return self._remotes[fn].remote(*args)
+        return self._remote.options(name=fn.__name__).remote(fn, *args)
 
     def ready(self, handle) -> bool:
         return bool(self._ray.wait([handle], timeout=0)[0])
 
     def get(self, handle):
-        return self._ray.get(handle)
+        node, result = self._ray.get(handle)
+        self.tasks_per_node[node] = self.tasks_per_node.get(node, 0) + 1
+        return result
+
+    def placement(self) -> str:
+        """`N task(s) on K Ray node(s) (ADDR: n, ...)`."""
+        counts = ", ".join(f"{node}: {n}" for node, n in sorted(self.tasks_per_node.items()))
+        return (f"{sum(self.tasks_per_node.values())} task(s) on {len(self.tasks_per_node)} Ray node(s)"
+                + (f" ({counts})" if counts else ""))
 
 
 class InlineExecutor:
