@@ -119,6 +119,37 @@ def _ranges(values: list[int]) -> str:
     return ",".join(parts)
 
 
+def interface_towards(master_addr: str) -> str | None:
+    """The network interface this host uses to reach `master_addr` (Linux), for gloo.
+
+    Without GLOO_SOCKET_IFNAME gloo binds the address its host name resolves to, and falls back to
+    loopback when the name does not resolve (compute nodes whose names are only in SLURM, or
+    resolve to 127.0.1.1): ranks on other nodes then cannot connect. None for a loopback master
+    (one host: gloo's default is right) or when the interface cannot be found."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        addr = socket.gethostbyname(master_addr) if master_addr else ""
+        if not addr or addr.startswith("127."):
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((addr, 9))  # UDP: no packet is sent, the kernel just picks the route
+            local = probe.getsockname()[0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(query.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+                except OSError:
+                    continue
+                if socket.inet_ntoa(packed[20:24]) == local:
+                    return name
+    except OSError:
+        return None
+    return None
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join (or create) the default process group; returns this process's rank and device."""
     import deepspeed
@@ -135,6 +166,10 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     device_index = local_rank % max(1, accelerator.device_count()) if not on_cpu else 0
     if not on_cpu:
         accelerator.set_device(device_index)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        iface = interface_towards(os.environ.get("MASTER_ADDR", ""))
+        if iface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(device_index))
