@@ -100,7 +100,9 @@ def test_dry_run_renders_a_four_node_ray_build_script(tmp_path):
     assert "#SBATCH --nodes=4" in script and "--gpus-per-node" not in script
     assert 'start --head --node-ip-address="$HEAD_IP"' in script and "HEAD_IP=$MASTER_ADDR" in script
     assert not [l for l in script.splitlines() if "hostname -i" in l.split("#")[0]]  # 127.0.1.1 on Debian
-    assert '--nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks-per-node=1 --overlap --exclude="$MASTER_HOST"' in script
+    # one Ray worker per other node; --ntasks explicitly, since srun inherits the job's SLURM_NTASKS
+    assert ('--nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks=$((SLURM_JOB_NUM_NODES - 1)) --ntasks-per-node=1 --overlap'
+            in script and '--exclude="$MASTER_HOST"' in script)
     assert 'start --address="$RAY_ADDRESS"' in script
     assert f"-m data_pipeline build {config} --ray-address \"$RAY_ADDRESS\"" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
