@@ -63,6 +63,33 @@ def local_artifact_path(artifact_uri: str, tracking_uri: str) -> Path | None:
     )
 
 
+def open_client(tracking_uri: str):
+    """An `MlflowClient` (tracking and registry on `tracking_uri`) whose store is already created.
+
+    A new SQLite store is created by running MLflow's schema migrations; two processes that open
+    the same new store at once (parallel runs, Ray workers) race in them and one fails with
+    "No such constraint: 'uq_registered_models_name'". The first open therefore runs under an
+    exclusive lock on `<db>.lock` beside the database; other stores are opened as they are."""
+    from mlflow.tracking import MlflowClient
+
+    folder = sqlite_folder(tracking_uri)
+    if folder is None:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    database = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # the client may create its stores eagerly; both migrate the one database
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 def ensure_experiment(client, name: str, tracking_uri: str, configured: str | None = None, tags: dict | None = None) -> str:
     """The id of experiment `name`, created with its artifacts under `artifact_root(...)` when new, so
     no run of it writes to MLflow's default `./mlruns` of the working directory. An experiment that

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "'all', or a comma-separated list of symbols (Li,Fe,O)")
     gen.add_argument("--species-from", default=None, help="ddpm: allow only the species of these crystals (shards or a CSV of CIFs)")
     gen.add_argument("--max-z", type=int, default=94, help="ddpm: also drop species above this Z (94: CHGNet's table; 0 keeps all)")
+    gen.add_argument("--volume", choices=("generated", "composition"), default="generated",
+                     help="ddpm: 'generated' keeps the denoised cell; 'composition' scales it to the volume the "
+                          "training set's per-element volume model predicts for the sampled composition")
     gen.add_argument("--out", default="samples", help="writes <out>/cif/*.cif and <out>/samples.csv")
 
     ev = sub.add_parser("evaluate", help="V.S.U.N. and CDVAE's generation metrics of one or more sample sets (each set is one sampling run)")
@@ -96,7 +99,7 @@ def _generate(args) -> int:
     else:
         species = [s.strip() for s in args.species.split(",") if s.strip()]
     records = sample_generator(objective, args.n, seed=args.seed, steps=args.steps, atom_counts=counts,
-                               species=species, max_z=args.max_z or None)
+                               species=species, max_z=args.max_z or None, volume=args.volume)
     out = write_samples(records, args.out)
     print(f"wrote {len(records)} crystals to {out}/cif and {out}/samples.csv")
     return 0

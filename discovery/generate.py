@@ -58,15 +58,19 @@ def species_of(spec: str | Path) -> list[int]:
 
 def sample_generator(objective, n: int, seed: int = 0, steps: int | None = None,
                      atom_counts: dict[int, int] | None = None, source: str | None = None,
-                     species=None, max_z: int | None = 94) -> list[CrystalRecord]:
+                     species=None, max_z: int | None = 94, volume: str = "generated") -> list[CrystalRecord]:
     """n crystals from a released generator objective (ddpm or latent_flow). species / max_z
-    restrict the ddpm's species (`DDPMObjective.allowed_species`: default those it was trained on, Z ≤ 94)."""
+    restrict the ddpm's species (`DDPMObjective.allowed_species`: default those it was trained on, Z ≤ 94);
+    volume: the ddpm's cell volume, "generated" or "composition" (`DDPMObjective.sample`)."""
     from pretrain.objectives.ddpm import DDPMObjective
     from pretrain.objectives.latent_flow import LatentFlowObjective
 
     if isinstance(objective, DDPMObjective):
-        return objective.sample(n, seed=seed, steps=steps, source=source or "ddpm", species=species, max_z=max_z)
+        return objective.sample(n, seed=seed, steps=steps, source=source or "ddpm", species=species, max_z=max_z,
+                                volume=volume)
     if isinstance(objective, LatentFlowObjective):
+        if volume != "generated":
+            raise ValueError("volume='composition' is a ddpm option; the latent generator decodes its own cell")
         if not atom_counts:
             raise ValueError("the latent generator needs atom counts: pass --num-atoms-from SHARDS (a shard set)")
         return latent_sample(objective, n, atom_counts, seed=seed, steps=steps or 50, source=source or "latent")

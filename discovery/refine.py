@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from crystalfm_common.tracking import ensure_experiment
+from crystalfm_common.tracking import ensure_experiment, open_client
 from discovery.relax import RelaxConfig
 
 
@@ -34,6 +34,7 @@ class RefineConfig:
     rounds: int = 1
     seed: int = 0
     sample_steps: int = 64  # denoising steps when sampling
+    volume: str = "generated"  # the ddpm's cells: "generated", or "composition" (scaled to the volume model)
     num_workers: int = 1  # Ray workers for relaxations
     relax: dict = field(default_factory=lambda: dataclasses.asdict(RelaxConfig()))
     finetune_steps: int = 50
@@ -60,7 +61,8 @@ def run_round(cfg: RefineConfig, generator_dir: str, round_: int, hull, novelty,
     from pretrain.release import load_pretrained
 
     generator = load_pretrained(generator_dir)
-    samples = sample_generator(generator, cfg.n, seed=cfg.seed + round_, steps=cfg.sample_steps, source=f"round{round_}")
+    samples = sample_generator(generator, cfg.n, seed=cfg.seed + round_, steps=cfg.sample_steps, source=f"round{round_}",
+                               volume=cfg.volume)
     write_samples(samples, out / "samples")
     verdicts = evaluate_run(samples, hull, novelty, elemental, RelaxConfig(**cfg.relax), cfg.num_workers, run=round_)
     # V.U.N. crystals whose relaxation produced a usable structure (a failed or exploded one is no
@@ -96,7 +98,7 @@ def refine(cfg: RefineConfig) -> dict:
     uri = cfg.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     try:  # artifacts under the store's artifact root (mlartifacts/ beside a SQLite store), never ./mlruns
-        experiment_id = ensure_experiment(mlflow.MlflowClient(uri), "crystalfm-refine", uri)
+        experiment_id = ensure_experiment(open_client(uri), "crystalfm-refine", uri)
         history, generator_dir = _rounds(cfg, hull, novelty, elemental, jepa, reference_index, out, experiment_id)
     finally:
         mlflow.set_tracking_uri(previous_uri)  # set_tracking_uri is process-global: restore it

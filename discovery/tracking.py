@@ -17,13 +17,13 @@ def log_evaluation(out: str | os.PathLike, experiment: str, run_name: str, param
     import mlflow
 
     from crystalfm_common.provenance import git_commit
-    from crystalfm_common.tracking import ensure_experiment, resolve_tracking_uri
+    from crystalfm_common.tracking import ensure_experiment, open_client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(out, tracking_uri)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
-        experiment_id = ensure_experiment(mlflow.MlflowClient(uri), experiment, uri, artifact_location)
+        experiment_id = ensure_experiment(open_client(uri), experiment, uri, artifact_location)
         with mlflow.start_run(run_name=run_name, experiment_id=experiment_id) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in {**params, "git_commit": git_commit()}.items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})

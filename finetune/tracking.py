@@ -52,12 +52,12 @@ class Tracker:
 
     def __init__(self, out: str | os.PathLike = "finetune_runs", tracking_uri: str | None = None,
                  artifact_location: str | None = None):
-        from mlflow.tracking import MlflowClient
+        from crystalfm_common.tracking import open_client
 
         self.out = Path(out).expanduser().resolve()
         self.uri = resolve_tracking_uri(self.out, tracking_uri)
         self.artifact_location = artifact_root(self.uri, artifact_location)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = open_client(self.uri)
         self.run_id: str | None = None
 
     # ------------------------------------------------------------------ experiments and runs

@@ -299,7 +299,9 @@ def register_release(release_dir: Path, tracking_uri: str, name: str, alias: str
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
+    from crystalfm_common.tracking import open_client
+
+    client = open_client(tracking_uri)
     if run_id is not None:
         try:
             client.get_run(run_id)

@@ -78,8 +78,10 @@ class MlflowTracker(NullTracker):
 
         self._mlflow = mlflow
         self.tracking_uri = tracking_uri
+        from crystalfm_common.tracking import open_client
+
+        client = open_client(tracking_uri)  # first: a new store is created under a lock
         mlflow.set_tracking_uri(tracking_uri)
-        client = mlflow.MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             location = experiment_artifact_location(tracking_uri, run_root)

@@ -14,6 +14,13 @@ frac = ((x + 1)/2) mod 1, Z = argmax of the one-hot part, lattice = S averaged o
 atoms (symmetrised, eigenvalues floored at 1 Å so the cell is never degenerate; its orientation
 is the canonical one L = S).
 
+The ε-MSE is the paper's mean over all 109 dimensions by default, which gives the species one-hot
+100/109 of the weight and the coordinates 3/109; `part_weights` weighs the three parts' own means
+instead (docs/discovery_mp20.md measures what that does to validity). The objective also
+accumulates the normal equations of a per-element volume model (cell volume ≈ Σ_atoms v_Z, least
+squares over the training crystals); `sample(volume="composition")` scales each denoised cell,
+shape and fractional coordinates kept, to the volume that model predicts for its composition.
+
 Species are restricted at sampling time to an allowed set (default: the elements the training
 crystals contain, from a second histogram stored in the weights, and Z ≤ 94, CHGNet's table). The
 restriction is a projection onto the data's support, applied at every step of the chain: the
@@ -55,6 +62,20 @@ class DDPMConfig:
     cosine_s: float = 0.008
     max_atoms: int = 64
     init_from: str | None = None  # a ddpm release to continue from (refinement); its sizes win
+    # ε-MSE weights of the token's three parts (coordinates, species, lattice), each part's mean
+    # over its dimensions; None: the paper's plain mean over all 109 dimensions, where the species
+    # one-hot is 100/109 of the loss and the lattice 6/109 (docs/discovery_mp20.md)
+    part_weights: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        if self.part_weights is not None:
+            weights = tuple(float(w) for w in self.part_weights)
+            if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"objective 'ddpm': part_weights must be three non-negative numbers "
+                    f"[coordinates, species, lattice] with a positive sum, got {self.part_weights!r}"
+                )
+            object.__setattr__(self, "part_weights", weights)
 
 
 def cosine_alphas_cumprod(steps: int, s: float) -> torch.Tensor:
@@ -118,6 +139,11 @@ class DDPMObjective(Objective):
         self.register_buffer("atom_counts", torch.zeros(config.max_atoms + 1))
         # how many training atoms had atomic number Z (index Z − 1); sampling allows only Z seen
         self.register_buffer("species_counts", torch.zeros(MAX_Z))
+        # normal equations of volume ≈ Σ_atoms v_Z over the training crystals (a per-element volume
+        # model, least squares accumulated while training): Σ cᵀc [MAX_Z, MAX_Z] and Σ cᵀV [MAX_Z],
+        # c the crystal's element counts; sampling may rescale a cell to the volume it predicts
+        self.register_buffer("volume_gram", torch.zeros(MAX_Z, MAX_Z, dtype=torch.float64))
+        self.register_buffer("volume_rhs", torch.zeros(MAX_Z, dtype=torch.float64))
         if init_state is not None:
             self.load_state_dict(init_state, strict=True)
 
@@ -125,6 +151,8 @@ class DDPMObjective(Objective):
         # releases written before the species histogram existed: load them with an empty one
         # (sampling then allows every Z ≤ max_z)
         state_dict.setdefault(prefix + "species_counts", torch.zeros(MAX_Z))
+        state_dict.setdefault(prefix + "volume_gram", torch.zeros(MAX_Z, MAX_Z, dtype=torch.float64))
+        state_dict.setdefault(prefix + "volume_rhs", torch.zeros(MAX_Z, dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def allowed_species(self, species=None, max_z: int | None = SAMPLE_MAX_Z) -> torch.Tensor:
@@ -200,15 +228,55 @@ class DDPMObjective(Objective):
             counts = batch.num_atoms.clamp(max=self.config.max_atoms)
             self.atom_counts += torch.bincount(counts, minlength=self.config.max_atoms + 1).to(self.atom_counts)
             self.species_counts += torch.bincount(batch.atomic_numbers - 1, minlength=MAX_Z).to(self.species_counts)
+            self._accumulate_volumes(batch)
         x0, mask = pad_atoms(self.encode_tokens(batch), batch.batch_index, batch.num_atoms)  # [B, L, TOKEN]
         t = torch.randint(0, self.config.steps, (batch.num_crystals,), device=x0.device)  # [B] (0-based step)
         abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1)
         noise = torch.randn_like(x0)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         eps = self.denoiser(xt, t, mask)
-        per_atom = ((eps - noise) ** 2).mean(-1)[mask]  # [N]
+        per_atom = self._weighted_mse(eps, noise)[mask]  # [N]
         loss = per_atom.sum() / norm.atoms
-        return loss, {"loss/ddpm_eps_mse": float(per_atom.mean().detach()) if per_atom.numel() else 0.0}
+        metrics = {"loss/ddpm_eps_mse": float(per_atom.mean().detach()) if per_atom.numel() else 0.0}
+        with torch.no_grad():  # each part's own ε-MSE, so runs with different part_weights compare
+            sq = ((eps - noise) ** 2)[mask]  # [N, TOKEN]
+            for part, dims in (("coords", slice(0, 3)), ("species", slice(3, 3 + MAX_Z)), ("lattice", slice(3 + MAX_Z, None))):
+                metrics[f"loss/ddpm_eps_mse_{part}"] = float(sq[:, dims].mean()) if sq.numel() else 0.0
+        return loss, metrics
+
+    def _accumulate_volumes(self, batch) -> None:
+        counts = torch.zeros(batch.num_crystals, MAX_Z, dtype=torch.float64, device=self.volume_rhs.device)
+        counts.index_put_((batch.batch_index.to(counts.device), (batch.atomic_numbers - 1).to(counts.device)),
+                          torch.ones(batch.atomic_numbers.shape[0], dtype=torch.float64, device=counts.device),
+                          accumulate=True)
+        volumes = torch.linalg.det(batch.lattice.double()).abs().to(counts.device)  # [B] Å³
+        self.volume_gram += counts.T @ counts
+        self.volume_rhs += counts.T @ volumes
+
+    def element_volumes(self) -> torch.Tensor | None:
+        """[MAX_Z] least-squares volume per atom of each element (Å³) from the training crystals,
+        or None when the objective never saw any (a release older than the volume model).
+        Elements never seen get the mean of the seen ones; ridge 1e-6 keeps the solve defined."""
+        gram = self.volume_gram.double().cpu()
+        seen = torch.diagonal(gram) > 0
+        if not bool(seen.any()):
+            return None
+        g = gram[seen][:, seen]
+        ridge = 1e-6 * torch.diagonal(g).mean()
+        v_seen = torch.linalg.solve(g + ridge * torch.eye(g.shape[0], dtype=g.dtype), self.volume_rhs.double().cpu()[seen])
+        v_seen = v_seen.clamp(min=1.0)  # no element occupies less than 1 Å³ (a floor for rare, ill-fit ones)
+        volumes = torch.full((MAX_Z,), float(v_seen.mean()), dtype=torch.float64)
+        volumes[seen] = v_seen
+        return volumes
+
+    def _weighted_mse(self, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """[B, L] per-token ε-MSE: the plain mean over dimensions, or the part_weights blend."""
+        sq = (eps - noise) ** 2
+        if self.config.part_weights is None:
+            return sq.mean(-1)
+        wc, ws, wl = self.config.part_weights
+        parts = (sq[..., :3].mean(-1), sq[..., 3 : 3 + MAX_Z].mean(-1), sq[..., 3 + MAX_Z :].mean(-1))
+        return (wc * parts[0] + ws * parts[1] + wl * parts[2]) / (wc + ws + wl)
 
     # ------------------------------------------------------------------ sampling
     def draw_num_atoms(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -222,9 +290,20 @@ class DDPMObjective(Objective):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch_size: int = 256, source: str = "ddpm",
-               species=None, max_z: int | None = SAMPLE_MAX_Z) -> list[CrystalRecord]:
+               species=None, max_z: int | None = SAMPLE_MAX_Z, volume: str = "generated") -> list[CrystalRecord]:
         """n crystals by ancestral sampling (reproducible from `seed`). `steps` < T strides the chain.
-        species / max_z: which species may appear (see `allowed_species`; default: those trained on, Z ≤ 94)."""
+        species / max_z: which species may appear (see `allowed_species`; default: those trained on, Z ≤ 94).
+        volume: "generated" keeps the denoised cell; "composition" scales it (shape and fractional
+        coordinates kept) to the volume the training set's per-element volume model predicts for
+        the sampled composition (`element_volumes`)."""
+        if volume not in ("generated", "composition"):
+            raise ValueError(f"volume must be 'generated' or 'composition', got {volume!r}")
+        element_volumes = self.element_volumes() if volume == "composition" else None
+        if volume == "composition" and element_volumes is None:
+            raise ValueError(
+                "volume='composition' needs the per-element volume model, which this generator lacks "
+                "(it was trained before the model existed): sample with volume='generated', or train it again"
+            )
         was_training = self.training
         self.eval()
         generator = torch.Generator().manual_seed(seed)
@@ -255,6 +334,9 @@ class DDPMObjective(Objective):
                 else:
                     x = mean
             for i, (z, frac, lattice) in enumerate(self.decode_tokens(x.cpu(), mask.cpu(), allowed.cpu())):
+                if element_volumes is not None:
+                    target = float(element_volumes[torch.as_tensor(z) - 1].sum())
+                    lattice = lattice * (target / abs(np.linalg.det(lattice))) ** (1 / 3)
                 records.append(CrystalRecord(f"{source}:{seed}-{start + i}", source, z, frac, lattice))
         self.train(was_training)
         return records

@@ -136,3 +136,68 @@ def test_release_without_species_histogram_still_loads(mp20_records):
     assert int(mask.sum()) == 94
     with pytest.raises(ValueError, match="no species"):
         old.allowed_species(["Cm"])  # Z = 96 > 94
+
+
+def test_part_weights_blend_each_parts_own_mean():
+    """part_weights: the loss is the weighted mean of the three parts' own ε-MSEs (hand-computed)."""
+    from pretrain.objectives.ddpm import TOKEN
+
+    objective = build_objective({**SMALL, "part_weights": [1, 2, 3]})
+    eps = torch.zeros(1, 1, TOKEN)
+    noise = torch.zeros(1, 1, TOKEN)
+    noise[..., :3] = 1.0  # coordinates: mean squared error 1
+    noise[..., 3:5] = 10.0  # species: 2 of 100 dims at 100 → mean 2
+    noise[..., -6:] = 2.0  # lattice: mean 4
+    expected = (1 * 1 + 2 * 2 + 3 * 4) / 6
+    assert float(objective._weighted_mse(eps, noise)) == pytest.approx(expected)
+    plain = build_objective(SMALL)._weighted_mse(eps, noise)  # the paper's mean over all 109 dims
+    assert float(plain) == pytest.approx((3 * 1 + 2 * 100 + 6 * 4) / TOKEN)
+    with pytest.raises(ValueError, match="part_weights"):
+        build_objective({**SMALL, "part_weights": [1, -1, 1]})
+
+
+def test_part_weights_train_and_log_each_part(mp20_records):
+    objective = build_objective({**SMALL, "part_weights": [1, 1, 1]})
+    loss, metrics = objective.loss(collate(mp20_records[:4]))
+    loss.backward()
+    assert {"loss/ddpm_eps_mse_coords", "loss/ddpm_eps_mse_species", "loss/ddpm_eps_mse_lattice"} <= set(metrics)
+    assert objective.export_config()["part_weights"] == (1.0, 1.0, 1.0)
+    assert build_objective(objective.export_config()).config == objective.config
+
+
+def test_volume_model_recovers_element_volumes_and_rescales_samples(mp20_records):
+    """The per-element volume model is least squares over the training crystals: on crystals
+    built to have volume 10·n_Na + 30·n_Cl it recovers 10 and 30, and volume='composition' gives
+    every sample exactly the volume its composition predicts (shape and coordinates kept)."""
+    from data_pipeline.record import CrystalRecord
+
+    objective = build_objective(SMALL)
+    assert objective.element_volumes() is None  # never trained
+    with pytest.raises(ValueError, match="volume model"):
+        objective.sample(2, seed=0, steps=4, volume="composition")
+    crystals = []
+    for i, (na, cl) in enumerate([(1, 1), (2, 1), (1, 3), (4, 4), (2, 5)]):
+        z = np.array([11] * na + [17] * cl)
+        volume = 10.0 * na + 30.0 * cl
+        lattice = np.diag([1.0, 1.3, 0.8]) * (volume / (1.0 * 1.3 * 0.8)) ** (1 / 3)
+        frac = np.random.default_rng(i).random((len(z), 3))
+        crystals.append(CrystalRecord(f"x{i}", "test", z, frac, lattice))
+    objective.train()
+    objective.loss(collate(crystals))
+    volumes = objective.element_volumes()
+    assert float(volumes[10]) == pytest.approx(10.0, rel=1e-4) and float(volumes[16]) == pytest.approx(30.0, rel=1e-4)
+    objective.species_counts.zero_()
+    objective.species_counts[[10, 16]] = 1.0
+    free = objective.sample(6, seed=3, steps=4)
+    scaled = objective.sample(6, seed=3, steps=4, volume="composition")
+    for a, b in zip(free, scaled):
+        na, cl = int((b.atomic_numbers == 11).sum()), int((b.atomic_numbers == 17).sum())
+        assert b.volume == pytest.approx(float(volumes[10]) * na + float(volumes[16]) * cl, rel=1e-9)
+        np.testing.assert_array_equal(a.atomic_numbers, b.atomic_numbers)
+        np.testing.assert_allclose(a.frac_coords, b.frac_coords)
+        np.testing.assert_allclose(a.lattice / np.cbrt(a.volume), b.lattice / np.cbrt(b.volume), atol=1e-9)
+    # an older release without the buffers loads with an empty model
+    state = {k: v for k, v in objective.state_dict().items() if not k.startswith("volume_")}
+    fresh = build_objective(SMALL)
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.element_volumes() is None
