@@ -66,6 +66,11 @@ class DDPMConfig:
     # over its dimensions; None: the paper's plain mean over all 109 dimensions, where the species
     # one-hot is 100/109 of the loss and the lattice 6/109 (docs/discovery_mp20.md)
     part_weights: tuple[float, float, float] | None = None
+    # self-conditioning (Chen, Zhang & Hinton, "Analog Bits", 2022): the denoiser also reads its own
+    # previous x̂0 estimate (zeros on half the training batches, the estimate of a first no-grad pass
+    # on the others; the last step's x̂0 while sampling), so the atoms of a crystal can agree on a
+    # composition they have already half decided; off: the paper's denoiser
+    self_condition: bool = False
 
     def __post_init__(self):
         if self.part_weights is not None:
@@ -99,7 +104,8 @@ class Denoiser(nn.Module):
     def __init__(self, cfg: DDPMConfig):
         super().__init__()
         self.width = cfg.width
-        self.embed = nn.Linear(TOKEN, cfg.width)
+        self.self_condition = cfg.self_condition
+        self.embed = nn.Linear(2 * TOKEN if cfg.self_condition else TOKEN, cfg.width)
         self.time = nn.Linear(cfg.width, cfg.width)  # sinusoid(t) → width
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
@@ -110,8 +116,12 @@ class Denoiser(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, TOKEN)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """x0_estimate: [B, L, TOKEN] the previous x̂0 (self-conditioning only; None: zeros)."""
         temb = self.time(sinusoid(t, self.width).to(x.dtype)).unsqueeze(1)  # [B, 1, W]
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate], dim=-1)
         h = self.embed(x)  # [B, L, W]
         for layer in self.layers:
             h = layer(h + temb, src_key_padding_mask=~mask)
@@ -234,7 +244,12 @@ class DDPMObjective(Objective):
         abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1)
         noise = torch.randn_like(x0)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        eps = self.denoiser(xt, t, mask)
+        estimate = None
+        if self.config.self_condition and bool(torch.rand(()) < 0.5):
+            with torch.no_grad():
+                first = self.denoiser(xt, t, mask)
+                estimate = self.x0_from_eps(xt, first, abar)
+        eps = self.denoiser(xt, t, mask, estimate)
         per_atom = self._weighted_mse(eps, noise)[mask]  # [N]
         loss = per_atom.sum() / norm.atoms
         metrics = {"loss/ddpm_eps_mse": float(per_atom.mean().detach()) if per_atom.numel() else 0.0}
@@ -243,6 +258,11 @@ class DDPMObjective(Objective):
             for part, dims in (("coords", slice(0, 3)), ("species", slice(3, 3 + MAX_Z)), ("lattice", slice(3 + MAX_Z, None))):
                 metrics[f"loss/ddpm_eps_mse_{part}"] = float(sq[:, dims].mean()) if sq.numel() else 0.0
         return loss, metrics
+
+    @staticmethod
+    def x0_from_eps(xt: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """x̂0 from a predicted noise, clamped to [−3, 3] (tokens of real crystals lie in about [−2, 2])."""
+        return ((xt - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-3, 3)
 
     def _accumulate_volumes(self, batch) -> None:
         counts = torch.zeros(batch.num_crystals, MAX_Z, dtype=torch.float64, device=self.volume_rhs.device)
@@ -319,11 +339,12 @@ class DDPMObjective(Objective):
             mask = torch.arange(int(sizes.max())).unsqueeze(0) < sizes.unsqueeze(1)  # [B, L]
             x = torch.randn(*mask.shape, TOKEN, generator=generator).to(device)
             mask = mask.to(device)
+            x0 = None  # the previous step's x̂0 (read by a self-conditioned denoiser)
             for t, t_prev in schedule:
                 abar = self.alphas_cumprod[t]
                 abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
-                eps = self.denoiser(x, torch.full((x.shape[0],), t, device=device), mask)
-                x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-3, 3)
+                eps = self.denoiser(x, torch.full((x.shape[0],), t, device=device), mask, x0)
+                x0 = self.x0_from_eps(x, eps, abar)
                 x0 = x0.masked_fill(banned, -1.0)  # a disallowed species' one-hot entry is −1 in all data
                 # posterior q(x_{t_prev} | x_t, x0) for a (possibly strided) chain
                 alpha = abar / abar_prev
