@@ -71,6 +71,11 @@ class DDPMConfig:
     # on the others; the last step's x̂0 while sampling), so the atoms of a crystal can agree on a
     # composition they have already half decided; off: the paper's denoiser
     self_condition: bool = False
+    # periodic pair bias: each layer adds to its attention logits a learned linear map (per head) of
+    # the Fourier features sin/cos(2πk·Δfrac), k = 1..pair_frequencies, of every atom pair's noisy
+    # fractional-coordinate difference (DiffCSP's periodic edge features, Graphormer's attention
+    # bias), so the denoiser sees which atoms are close; 0: the paper's denoiser, geometry-blind
+    pair_frequencies: int = 0
 
     def __post_init__(self):
         if self.part_weights is not None:
@@ -115,16 +120,39 @@ class Denoiser(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, TOKEN)
+        self.pair_frequencies = cfg.pair_frequencies
+        if cfg.pair_frequencies:
+            features = 3 * 2 * cfg.pair_frequencies
+            self.pair_bias = nn.ModuleList(nn.Linear(features, cfg.heads) for _ in range(cfg.layers))
+            for linear in self.pair_bias:  # start as the geometry-blind denoiser
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+    def pair_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, L, 6K] sin/cos(2πk·(frac_i − frac_j)) of the tokens' (noisy) fractional coordinates."""
+        frac = (x[..., :3] + 1) / 2  # [B, L, 3]
+        delta = frac.unsqueeze(2) - frac.unsqueeze(1)  # [B, L, L, 3]
+        k = torch.arange(1, self.pair_frequencies + 1, device=x.device, dtype=x.dtype)
+        angles = 2 * math.pi * delta.unsqueeze(-1) * k  # [B, L, L, 3, K]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
                 x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         """x0_estimate: [B, L, TOKEN] the previous x̂0 (self-conditioning only; None: zeros)."""
         temb = self.time(sinusoid(t, self.width).to(x.dtype)).unsqueeze(1)  # [B, 1, W]
+        pairs = self.pair_features(x) if self.pair_frequencies else None
         if self.self_condition:
             x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate], dim=-1)
         h = self.embed(x)  # [B, L, W]
-        for layer in self.layers:
-            h = layer(h + temb, src_key_padding_mask=~mask)
+        if pairs is None:
+            for layer in self.layers:
+                h = layer(h + temb, src_key_padding_mask=~mask)
+            return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise
+        # padding as an additive mask, so it combines with the float pair bias (−inf on padded keys)
+        padding = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, -math.inf)
+        for layer, pair_bias in zip(self.layers, self.pair_bias):
+            bias = pair_bias(pairs).permute(0, 3, 1, 2) + padding[:, None, None, :]  # [B, H, L, L]
+            h = layer(h + temb, src_mask=bias.reshape(-1, *bias.shape[2:]))
         return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise
 
 

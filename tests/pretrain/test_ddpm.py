@@ -227,3 +227,38 @@ def test_self_conditioned_ddpm_reads_its_estimate_trains_and_samples(mp20_record
     b = objective.sample(3, seed=1, steps=6)
     for x1, x2 in zip(a, b):
         np.testing.assert_allclose(x1.frac_coords, x2.frac_coords)
+
+
+def test_pair_bias_denoiser_is_equivariant_sees_geometry_and_starts_geometry_blind(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective({**SMALL, "pair_frequencies": 3}).double().eval()
+    blind = build_objective(SMALL).double().eval()
+    blind.load_state_dict({k: v for k, v in objective.state_dict().items() if "pair_bias" not in k})
+    batch = collate(mp20_records[:3], dtype=torch.float64)
+    x, mask = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    t = torch.tensor([3, 10, 20])
+    out = objective.denoiser(x, t, mask)
+    # zero-initialised bias: exactly the geometry-blind denoiser at the start (padding handled alike)
+    torch.testing.assert_close(out[mask], blind.denoiser(x, t, mask)[mask])
+    for linear in objective.denoiser.pair_bias:
+        torch.nn.init.normal_(linear.weight, std=1.0)
+    out = objective.denoiser(x, t, mask)
+    assert not torch.allclose(out[mask], blind.denoiser(x, t, mask)[mask])
+    n0 = int(batch.num_atoms[0])
+    p0 = torch.randperm(n0)
+    x2 = x.clone()
+    x2[0, :n0] = x[0, p0]
+    torch.testing.assert_close(objective.denoiser(x2, t, mask)[0, :n0], out[0, p0])
+    # the features are periodic: shifting one atom by a whole cell changes nothing
+    x3 = x.clone()
+    x3[0, 0, 0] += 2.0  # token 2·frac − 1: +2 is frac + 1
+    features, shifted = objective.denoiser.pair_features(x), objective.denoiser.pair_features(x3)
+    torch.testing.assert_close(features, shifted)
+    # and padded slots do not leak into real atoms
+    x4 = x.clone()
+    x4[~mask] = 5.0
+    torch.testing.assert_close(objective.denoiser(x4, t, mask)[mask], out[mask])
+    objective.train()
+    loss, _ = objective.loss(batch)
+    loss.backward()
+    assert objective.denoiser.pair_bias[0].weight.grad.abs().sum() > 0
