@@ -103,6 +103,21 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def biased_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A pre-norm `TransformerEncoderLayer` with a per-head additive attention bias [B, H, L, L],
+    written out with the layer's own weights: its eval fast path returns NaN for a per-head float
+    mask (seen with torch 2.13), so the layer is not called directly."""
+    attn = layer.self_attn
+    batch, length, width = h.shape
+    heads = attn.num_heads
+    q, k, v = nn.functional.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (y.view(batch, length, heads, width // heads).transpose(1, 2) for y in (q, k, v))
+    a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                   dropout_p=attn.dropout if layer.training else 0.0)
+    h = h + layer.dropout1(attn.out_proj(a.transpose(1, 2).reshape(batch, length, width)))
+    return h + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(h))))))
+
+
 class Denoiser(nn.Module):
     """Pre-norm Transformer over padded tokens; time embedding added before every layer."""
 
@@ -152,7 +167,7 @@ class Denoiser(nn.Module):
         padding = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, -math.inf)
         for layer, pair_bias in zip(self.layers, self.pair_bias):
             bias = pair_bias(pairs).permute(0, 3, 1, 2) + padding[:, None, None, :]  # [B, H, L, L]
-            h = layer(h + temb, src_mask=bias.reshape(-1, *bias.shape[2:]))
+            h = biased_layer(layer, h + temb, bias)
         return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise
 
 

@@ -258,7 +258,20 @@ def test_pair_bias_denoiser_is_equivariant_sees_geometry_and_starts_geometry_bli
     x4 = x.clone()
     x4[~mask] = 5.0
     torch.testing.assert_close(objective.denoiser(x4, t, mask)[mask], out[mask])
-    objective.train()
-    loss, _ = objective.loss(batch)
+    # the written-out layer equals PyTorch's own layer (training path, per-head float mask), and
+    # float32 inference under no_grad (where PyTorch would take its NaN-prone fast path) is finite
+    layer = objective.denoiser.layers[0].train()
+    h = torch.randn(3, x.shape[1], 64, dtype=torch.float64)
+    bias = torch.randn(3, 4, x.shape[1], x.shape[1], dtype=torch.float64)
+    from pretrain.objectives.ddpm import biased_layer
+
+    torch.testing.assert_close(biased_layer(layer, h, bias), layer(h, src_mask=bias.reshape(12, *bias.shape[2:])))
+    single = objective.float().eval()
+    with torch.no_grad():
+        inferred = single.denoiser(x.float(), t, mask)
+    assert torch.isfinite(inferred[mask]).all()
+    torch.testing.assert_close(inferred[mask].double(), out[mask], atol=1e-4, rtol=1e-4)
+    objective.double().train()
+    loss, _ = objective.loss(collate(mp20_records[:3], dtype=torch.float64))
     loss.backward()
     assert objective.denoiser.pair_bias[0].weight.grad.abs().sum() > 0
