@@ -32,7 +32,13 @@ $PIN python scripts/ddpm_collisions.py $R/samples_check
 python scripts/plot_learning_curve.py $R/ddpm/metrics.jsonl docs/discovery_mp20/ddpm_learning_curve.png \
   --validity $R/quick_validity.jsonl
 
-# ---- Steps 1-2 were run in session gen2 (docs/discovery_mp20.md); steps 3-6 are prepared, NOT yet run. ----
+# ---- Session 6 (docs/discovery_mp20.md) ran steps 1-2 with part_weights [1, 1, 1] (now in the config),
+# the variants of its table by overriding objective.part_weights / self_condition / pair_frequencies
+# (run.name=ddpm_X), 600-sample validity with
+#   python scripts/ddpm_quick_validity.py $R/ddpm/checkpoints/step_00005500 --n 200 --steps 64 --seed S >> $R/validity600.jsonl
+#   python scripts/validity_table.py $R/validity600.jsonl
+# and steps 3, 5 and 6 below with --steps 64 (256 gave the same validity), refine with n=128 and a
+# JEPA trained on $R/shards instead of $R/shards_train. Step 4 (COV) was not run. ----
 
 # 3. three sampling runs of 200 crystals, full chain (256 steps), species: trained ones, Z <= 94
 for seed in 0 1 2; do
