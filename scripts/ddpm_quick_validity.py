@@ -1,5 +1,5 @@
 """Quick progress check of a DDPM generator: sample N crystals, report structural and
-compositional validity only (no CHGNet, no CrystalNN), seconds per check.
+compositional validity, volume per atom and how many distinct elements appear (no CHGNet, no CrystalNN), seconds per check.
 
     python scripts/ddpm_quick_validity.py RUN/checkpoints/step_00001000 [--n 100] [--steps 100]
     python scripts/ddpm_quick_validity.py RELEASE_DIR ...
@@ -54,6 +54,8 @@ def main() -> None:
                       "struct_valid": float(np.mean(struct)), "comp_valid": float(np.mean(comp)),
                       "valid": float(np.mean(np.array(struct) & np.array(comp))),
                       "elements_median": float(np.median(elements)), "elements_max": int(max(elements)),
+                      # species collapse shows here first (docs/discovery_mp20.md, session 6)
+                      "distinct_elements": len({int(z) for s in samples for z in s.atomic_numbers}),
                       "volume_per_atom_median": float(np.median(vpa)), "sample_s": round(sample_s, 1),
                       "total_s": round(time.perf_counter() - start, 1)}))
 
