@@ -87,6 +87,35 @@ def test_generate_keeps_to_the_species_asked_for(workspace, mp20_records):
     assert main(base + ["--species", "Xx", "--out", str(workspace / "sp_bad")]) == 2  # unknown element: a clear error
 
 
+def test_generate_volume_composition_scales_cells_to_the_volume_model(workspace, capsys):
+    """--volume composition: every sample's volume is the release's per-element volume model summed
+    over its atoms, with the cell shape and coordinates of the plain sample; a release without the
+    model (the volume buffers zeroed, as in an older one) refuses with a clear error."""
+    import numpy as np
+
+    from pretrain.release import load_pretrained
+
+    base = ["generate", str(workspace / "ddpm"), "--n", "6", "--seed", "4", "--steps", "8"]
+    assert main(base + ["--out", str(workspace / "vol_free")]) == 0
+    assert main(base + ["--volume", "composition", "--out", str(workspace / "vol_comp")]) == 0
+    volumes = load_pretrained(workspace / "ddpm").element_volumes().numpy()
+    free = {r.key: r for r in read_samples(workspace / "vol_free")}
+    scaled = read_samples(workspace / "vol_comp")
+    assert len(scaled) == 6
+    for record in scaled:
+        assert record.volume == pytest.approx(volumes[record.atomic_numbers - 1].sum(), rel=1e-4)
+        plain = free[record.key]
+        np.testing.assert_array_equal(plain.atomic_numbers, record.atomic_numbers)
+        np.testing.assert_allclose(plain.frac_coords, record.frac_coords, atol=1e-5)
+    old = build_objective(DDPM)  # never trained: no volume model
+    old.atom_counts[4] = 1.0
+    save_release(old, DDPM, workspace / "ddpm_no_volumes")
+    capsys.readouterr()
+    code = main(["generate", str(workspace / "ddpm_no_volumes"), "--n", "2", "--steps", "4", "--volume", "composition",
+                 "--out", str(workspace / "vol_bad")])
+    assert code == 2 and "volume model" in capsys.readouterr().err
+
+
 def test_evaluate_and_screen(workspace, shared_data, capsys):
     samples = workspace / "samples"
     if not samples.exists():
