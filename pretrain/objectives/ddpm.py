@@ -44,6 +44,8 @@ from pretrain.objectives.dit import pad_atoms
 TOKEN = 3 + MAX_Z + 6
 SAMPLE_MAX_Z = 94  # CHGNet's element table stops at plutonium (discovery.relax.CHGNET_MAX_Z)
 _TRIU = torch.triu_indices(3, 3)
+# the token's three parts: part_weights and the per-part ε-MSE metrics use the same slices
+TOKEN_PARTS = {"coords": slice(0, 3), "species": slice(3, 3 + MAX_Z), "lattice": slice(3 + MAX_Z, TOKEN)}
 _DIAG = torch.tensor([True, False, False, True, False, True])  # which polar6 entries are diagonal
 
 
@@ -298,7 +300,7 @@ class DDPMObjective(Objective):
         metrics = {"loss/ddpm_eps_mse": float(per_atom.mean().detach()) if per_atom.numel() else 0.0}
         with torch.no_grad():  # each part's own ε-MSE, so runs with different part_weights compare
             sq = ((eps - noise) ** 2)[mask]  # [N, TOKEN]
-            for part, dims in (("coords", slice(0, 3)), ("species", slice(3, 3 + MAX_Z)), ("lattice", slice(3 + MAX_Z, None))):
+            for part, dims in TOKEN_PARTS.items():
                 metrics[f"loss/ddpm_eps_mse_{part}"] = float(sq[:, dims].mean()) if sq.numel() else 0.0
         return loss, metrics
 
@@ -337,9 +339,9 @@ class DDPMObjective(Objective):
         sq = (eps - noise) ** 2
         if self.config.part_weights is None:
             return sq.mean(-1)
-        wc, ws, wl = self.config.part_weights
-        parts = (sq[..., :3].mean(-1), sq[..., 3 : 3 + MAX_Z].mean(-1), sq[..., 3 + MAX_Z :].mean(-1))
-        return (wc * parts[0] + ws * parts[1] + wl * parts[2]) / (wc + ws + wl)
+        weights = self.config.part_weights  # in TOKEN_PARTS order
+        blend = sum(w * sq[..., dims].mean(-1) for w, dims in zip(weights, TOKEN_PARTS.values()))
+        return blend / sum(weights)
 
     # ------------------------------------------------------------------ sampling
     def draw_num_atoms(self, n: int, generator: torch.Generator) -> torch.Tensor:
