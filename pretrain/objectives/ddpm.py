@@ -202,6 +202,20 @@ class DDPMObjective(Objective):
         if init_state is not None:
             self.load_state_dict(init_state, strict=True)
 
+    # training statistics, not weights: counts and sums that fp16 (max 65,504, integers exact to
+    # 2,048) would overflow or round, so a dtype cast of the module (DeepSpeed's fp16 mode calls
+    # .half()) leaves them in the dtype they were made in; device moves still apply
+    STATISTICS = ("atom_counts", "species_counts", "volume_gram", "volume_rhs")
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name) for name in self.STATISTICS}
+        super()._apply(fn, recurse)
+        for name, tensor in before.items():
+            moved = getattr(self, name)
+            if moved.dtype != tensor.dtype:  # a cast: keep the original values, on the new device
+                self._buffers[name] = tensor.to(moved.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # releases written before the species histogram existed: load them with an empty one
         # (sampling then allows every Z ≤ max_z)

@@ -275,3 +275,19 @@ def test_pair_bias_denoiser_is_equivariant_sees_geometry_and_starts_geometry_bli
     loss, _ = objective.loss(collate(mp20_records[:3], dtype=torch.float64))
     loss.backward()
     assert objective.denoiser.pair_bias[0].weight.grad.abs().sum() > 0
+
+
+def test_training_statistics_survive_a_cast_to_fp16(mp20_records):
+    """DeepSpeed's fp16 mode casts the module with .half(): the weights go to fp16, the counts and
+    the volume model's sums stay in their own dtypes (fp16 would turn a gram entry of 70,000 into inf)."""
+    objective = build_objective(SMALL)
+    objective.train()
+    objective.loss(collate(mp20_records[:4]))
+    objective.volume_gram[0, 0] = 70_000.0
+    objective.half()
+    assert objective.denoiser.embed.weight.dtype == torch.float16
+    assert objective.volume_gram.dtype == torch.float64 and objective.volume_rhs.dtype == torch.float64
+    assert objective.atom_counts.dtype == torch.float32 and objective.species_counts.dtype == torch.float32
+    assert float(objective.volume_gram[0, 0]) == 70_000.0
+    objective.float()
+    assert objective.denoiser.embed.weight.dtype == torch.float32
