@@ -23,7 +23,7 @@ from crystalfm_common.config import ConfigError, check_keys, from_dict
 DEDUP_MODES = ("none", "exact", "structural")
 SPLIT_BY = ("group", "reduced_formula")
 EXCLUDE_MATCH = ("exact", "structural")
-RUNTIME_FIELDS = ("out", "executor", "ray_address", "num_workers", "force", "keep_work")
+RUNTIME_FIELDS = ("out", "executor", "ray_address", "num_workers", "force", "keep_work", "plan_sources")
 EXECUTORS = ("ray", "inline")
 DEFAULT_DEDUP_GROUP_SIZE = 128
 
@@ -133,6 +133,10 @@ class BuildConfig:
     num_workers: int | None = None
     force: bool = False
     keep_work: bool = False
+    # Readers that can plan (folders and zips of CIFs, GNoME, a plain MPtrj .json) are split into
+    # parts on the driver and read in the parse tasks (readers.base); False: the driver scans every
+    # source and ships the entries, as before. The output is the same either way.
+    plan_sources: bool = True
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

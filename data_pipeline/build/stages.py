@@ -419,14 +419,34 @@ def run_resumable(ex, jobs, consume: Callable, *, desc: str, unit: str, progress
 
 
 # ---------------------------------------------------------------------------- 2. parse
-def _chunks(state: BuildState, log) -> Iterator[tuple[int, int, list]]:
-    """(source index, chunk number, entries) over every source's scan, in order."""
+def _chunks(state: BuildState, log) -> Iterator[tuple[int, int, list | dict]]:
+    """(source index, chunk number, work) over every source in order. The work is a planned part
+    (a dict the task reads itself, `readers.base`) for readers that plan, else a list of scanned
+    entries (the driver walks the source)."""
     size = state.config.chunk_size
     for src, spec in enumerate(state.specs):
         try:
             reader = open_reader(spec.kind, spec.path, **spec.options)
+            parts = _plan(state, src, reader, size)
         except Exception as exc:  # noqa: BLE001 - a source that cannot be opened is a config error
             raise BuildError(f"source {spec.name!r} ({spec.kind}:{spec.path}) cannot be opened: {exc}") from exc
+        if parts is not None:
+            number, parts = 0, iter(parts)
+            while True:
+                try:
+                    part = next(parts)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - a plan that dies midway loses the rest, loudly
+                    from data_pipeline.build.readers import Reject
+
+                    reason = f"unparsable: planning {spec.path} stopped after {number} parts ({type(exc).__name__}: {exc})"
+                    log(f"warning: source {spec.name!r}: {reason}")
+                    yield src, number, [Reject(key=f"{spec.name}:<plan>", source=spec.name, location=str(spec.path), reason=reason)]
+                    break
+                yield src, number, {"part": part}
+                number += 1
+            continue
         chunk, number = [], 0
         scan = iter(reader.scan())
         while True:
@@ -449,8 +469,32 @@ def _chunks(state: BuildState, log) -> Iterator[tuple[int, int, list]]:
             yield src, number, chunk
 
 
-def _entries_digest(items: list) -> str:
+def _plan(state: BuildState, src: int, reader, entries: int):
+    """The reader's parts, or None when it only scans. A reader with an `identity()` (one big
+    file whose plan costs a pass over it) has its plan cached in the work folder under that
+    identity, so a resumed build reads nothing on the driver."""
+    if getattr(reader, "plan", None) is None or not state.config.plan_sources:
+        return None
+    identity = reader.identity() if hasattr(reader, "identity") else None
+    if identity is None:
+        return reader.plan(entries)
+    digest = hashlib.sha256(json.dumps([identity, entries]).encode()).hexdigest()[:16]
+    cache = state.work / "plans" / f"{src:03d}-{digest}.json"
+    if cache.exists():
+        cached = json.loads(cache.read_bytes())
+        return None if cached["parts"] is None else iter(cached["parts"])
+    parts = reader.plan(entries)
+    parts = None if parts is None else list(parts)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(str(cache), dumps({"identity": identity, "parts": parts}))
+    return None if parts is None else iter(parts)
+
+
+def _entries_digest(items: list | dict) -> str:
     sha = hashlib.sha256()
+    if isinstance(items, dict):  # a planned part: it names its content (member identities, byte range, file identity)
+        sha.update(b"part\0" + json.dumps(items["part"], sort_keys=True).encode())
+        return sha.hexdigest()
     for item in items:
         sha.update(f"{type(item).__name__}\0{item.key}\0{item.location}\n".encode())
     return sha.hexdigest()
@@ -538,6 +582,8 @@ def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | 
 
     reader = _worker_reader(source)
     out_items = []
+    if isinstance(items, dict):
+        items = _read_part(reader, source, items["part"])
     with BlobWriter(f"{path}.bin") as blob:
         for item in items:
             if isinstance(item, Reject):
@@ -554,6 +600,22 @@ def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | 
     index = {"version": CHUNK_INDEX_VERSION, "digest": digest, "source": source["name"], "items": out_items}
     write_bytes_atomic(f"{path}.json", dumps(index))
     return index
+
+
+def _read_part(reader, source: dict, part: dict) -> Iterator:
+    """A planned part's entries, read in this task; a reader that fails mid-part loses the rest of
+    the part only, with a reject saying so."""
+    from data_pipeline.build.readers import Reject
+
+    count = 0
+    try:
+        for item in reader.scan_part(part):
+            count += 1
+            yield item
+    except Exception as exc:  # noqa: BLE001 - one bad part never stops a build
+        reason = (f"unparsable: reading a part of {source['path']} stopped after {count} entries "
+                  f"({type(exc).__name__}: {exc})")
+        yield Reject(key=f"{source['name']}:<part>", source=source["name"], location=str(source["path"]), reason=reason)
 
 
 def process_entry(reader, entry, pdd_k: int | None = None, shape_matcher: dict | None = None) -> tuple[dict, list] | str:

@@ -258,3 +258,19 @@ def source_name_from_path(path: Path, fallback: str) -> str:
             stem = path.resolve().parent.name
     name = re.sub(r"[^a-z0-9]+", "", stem.lower())
     return name or fallback
+
+
+def file_identity(path: Path) -> str:
+    """What a resumed build compares to know a raw file is unchanged without reading it:
+    resolved path, size and modification time (ns)."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def batched(items, size: int):
+    """Lists of `size` consecutive items (the last may be shorter); itertools.batched from 3.12."""
+    import itertools
+
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch

@@ -8,6 +8,16 @@ to Ray workers, which call `parse` (text → CrystalRecord) and then validation.
 
 Problems found while scanning (a truncated JSON file, an unreadable zip member) are yielded as
 `Reject` items so they are counted too, instead of stopping the scan.
+
+Planned reading (optional, for sources too big for the driver to read): `plan(entries)` splits
+the source into parts of about `entries` entries without reading their content (a zip's central
+directory, a folder listing, the CSV rows of a GNoME summary, a byte index of an MPtrj JSON's
+material boundaries) and returns JSON-serialisable dicts, or None when this source cannot be
+planned (a tar or gzip stream): then the build scans it. `scan_part(part)` runs in the parse task
+and yields what `scan` yields for that part; concatenated in plan order the parts give exactly
+`scan()` (tests/data_pipeline/test_readers_planned.py). A part names what it covers (member sizes
+and CRCs, byte ranges, the file's identity), so a resumed build recognises finished parts without
+reading a source. A reader with `identity()` has its plan cached under it in the work folder.
 """
 from __future__ import annotations
 
@@ -49,3 +59,8 @@ class Reader(Protocol):
     def parse(self, entry: RawEntry) -> CrystalRecord:
         """Turn one entry into a record, or raise RecordError with the reason."""
         ...
+
+    # Optional (see the module docstring):
+    #   def plan(self, entries: int) -> Iterable[dict] | None
+    #   def scan_part(self, part: dict) -> Iterator[RawEntry | Reject]
+    #   def identity(self) -> str        (cache the plan under it)

@@ -24,6 +24,7 @@ Uncorrected Energy and the five Decomposition Energy columns → properties
 """
 from __future__ import annotations
 
+
 import csv
 import re
 import zipfile
@@ -31,8 +32,8 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.build.readers import register_reader
-from data_pipeline.build.readers._archive import container_label, iter_members
-from data_pipeline.build.readers._common import arrays_from_cif, csv_float, make_record, open_text
+from data_pipeline.build.readers._archive import MemberReader, can_list, container_label, iter_members, list_members
+from data_pipeline.build.readers._common import arrays_from_cif, batched, csv_float, file_identity, make_record, open_text
 from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.build.readers.structure_files import decode_text, member_stem
 from data_pipeline.record import CrystalRecord
@@ -65,6 +66,21 @@ class _Structures:
         if self.zip is not None:
             # id → member name; accepts by_id/<id>.CIF at any depth and any extension case
             self.members = {member_stem(n): n for n in self.zip.namelist() if n.lower().endswith(".cif")}
+
+    def locate(self, material_id: str) -> tuple[str, str | None, str]:
+        """(location, member or None when there is no CIF, identity) without reading the CIF."""
+        if self.zip is not None:
+            member = self.members.get(material_id)
+            if member is None:
+                return f"{self.path.name}!by_id/{material_id}.CIF", None, ""
+            info = self.zip.getinfo(member)
+            return f"{self.path.name}!{member}", member, f"{info.file_size}:{info.CRC}"
+        for name in (f"{material_id}.CIF", f"{material_id}.cif"):
+            file = self.path / name
+            if file.is_file():
+                stat = file.stat()
+                return f"{self.path.name}/{name}", name, f"{stat.st_size}:{stat.st_mtime_ns}"
+        return f"{self.path.name}/{material_id}.CIF", None, ""
 
     def read(self, material_id: str) -> tuple[str, bytes | None]:
         if self.zip is not None:
@@ -134,6 +150,71 @@ class GnomeReader:
                 continue
             yield RawEntry(source=self.source, key=key, group=material_id, location=f"{where}{member}",
                            payload={"cif": decode_text(data), "labels": {}})
+
+    # Planned reading (readers.base): the driver reads the summary CSV rows and the zip's central
+    # directory (or the folder listing); the parse tasks read and decode the CIFs.
+    def plan(self, entries: int) -> Iterator[dict] | None:
+        if self.csv is None:
+            if not can_list(self.structures):
+                return None
+            items = (["read", f"{self.source}:{member_stem(m)}", member_stem(m), m, {}, identity]
+                     for m, identity in list_members(self.structures, lambda m: m.lower().endswith(".cif")))
+        else:
+            if not can_list(self.structures):
+                return None
+            items = self._plan_csv()
+        csv_identity = file_identity(self.csv) if self.csv is not None else ""
+        return ({"items": batch, "csv": csv_identity} for batch in batched(items, entries))
+
+    def _plan_csv(self) -> Iterator[list]:
+        """One item per CSV row: ["reject", key, location, reason] or
+        ["read", key, material_id, member, labels, identity]."""
+        structures = _Structures(self.structures)
+        try:
+            with open_text(self.csv) as handle:
+                reader = csv.reader(handle)
+                header = [normalise(c) for c in next(reader, [])]
+                if ID_COLUMN not in header:
+                    yield ["reject", f"{self.source}:{self.csv.name}", self.csv.name,
+                           f"missing_field: no MaterialId column in {self.csv.name}"]
+                    return
+                id_at = header.index(ID_COLUMN)
+                wanted = [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
+                for row_number, row in enumerate(reader, start=1):
+                    row_at = f"{self.csv.name}:row {row_number}"
+                    material_id = row[id_at].strip() if id_at < len(row) else ""
+                    if not material_id:
+                        yield ["reject", f"{self.source}:{row_at}", row_at, "missing_field: empty MaterialId"]
+                        continue
+                    location, member, identity = structures.locate(material_id)
+                    if member is None:
+                        yield ["reject", f"{self.source}:{material_id}", f"{row_at} → {location}",
+                               f"missing_field: no CIF {location} for this row"]
+                        continue
+                    labels = {field: row[i] for i, field in wanted if i < len(row)}
+                    yield ["read", f"{self.source}:{material_id}", material_id, member, labels, identity,
+                           f"{row_at} → {location}"]
+        finally:
+            structures.close()
+
+    def scan_part(self, part: dict) -> Iterator[RawEntry | Reject]:
+        where = container_label(self.structures)
+        if not hasattr(self, "_members"):
+            self._members = MemberReader(self.structures)
+        for item in part["items"]:
+            if item[0] == "reject":
+                _, key, location, reason = item
+                yield Reject(key=key, source=self.source, location=location, reason=reason)
+                continue
+            _, key, material_id, member, labels, _identity, *at = item
+            location = at[0] if at else f"{where}{member}"
+            data = self._members.read(member)
+            if isinstance(data, Exception):
+                yield Reject(key=key, source=self.source, location=location,
+                             reason=f"unparsable: unreadable member ({data})")
+                continue
+            yield RawEntry(source=self.source, key=key, group=material_id, location=location,
+                           payload={"cif": decode_text(data), "labels": labels})
 
     def _scan_csv(self) -> Iterator[RawEntry | Reject]:
         structures = _Structures(self.structures)

@@ -29,10 +29,12 @@ from data_pipeline.build.readers import register_reader
 from data_pipeline.build.readers._common import (
     array_label,
     arrays_from_structure_dict,
+    file_identity,
     make_record,
     open_text,
     optional_float,
 )
+from data_pipeline.build.readers._jsonindex import member_boundaries, plan_ranges, read_members
 from data_pipeline.build.readers._jsonstream import JsonStream, Malformed, Truncated, iter_object
 from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
@@ -41,6 +43,7 @@ from data_pipeline.build.validate import reject
 KBAR_TO_GPA_CHGNET = -0.1  # VASP kBar (positive = compressive) → GPa (positive = tensile)
 _REQUIRED = ("structure", "energy_per_atom", "force", "stress")
 _PROPERTY_KEYS = ("uncorrected_total_energy", "e_per_atom_relaxed", "ef_per_atom_relaxed")
+BYTES_PER_FRAME = 7000  # MPtrj_2022.9_full.json: ~11 GB over 1.58 M frames; sizes the planned parts
 
 
 @register_reader("mptrj")
@@ -51,40 +54,62 @@ class MPtrjReader:
         self.path = Path(path)
         self.source = source
         self.chunk = int(options.pop("chunk_chars", 1 << 20))
+        self.part_bytes = options.pop("part_bytes", None)  # planned part size; default entries × BYTES_PER_FRAME
         if options:
             raise TypeError(f"mptrj reader: unknown options {sorted(options)}")
         if not self.path.is_file():
             raise FileNotFoundError(f"mptrj reader: {self.path} is not a file (expected MPtrj_*.json or .json.gz)")
 
     def scan(self) -> Iterator[RawEntry | Reject]:
-        mp_id = frame_id = None
         with open_text(self.path) as handle:
-            stream = JsonStream(handle, chunk=self.chunk)
-            try:
-                for mp_id, _ in iter_object(stream):
-                    frame_id = None
-                    if stream.peek() != "{":
-                        value = stream.value()
-                        yield self._reject(f"{self.source}:{mp_id}", f"material {mp_id}", "unparsable",
-                                           f"material {mp_id} is {type(value).__name__}, expected an object of frames")
-                        continue
-                    for frame_id, _ in iter_object(stream):
-                        frame = stream.value()
-                        yield RawEntry(
-                            source=self.source,
-                            key=f"{self.source}:{mp_id}:{frame_id}",
-                            group=mp_id,
-                            location=f"{self.path.name}:{mp_id}/{frame_id}",
-                            payload=frame,
-                        )
-                    frame_id = None
-            except Truncated as error:
-                key = f"{self.source}:{mp_id}:{frame_id}" if frame_id else f"{self.source}:{self.path.name}"
-                yield self._reject(key, f"after {mp_id}/{frame_id}" if mp_id else "start", "truncated_file", str(error))
-            except Malformed as error:
-                key = f"{self.source}:{mp_id}:{frame_id}" if frame_id else f"{self.source}:{self.path.name}"
-                yield self._reject(key, f"after {mp_id}/{frame_id}" if mp_id else "start", "unparsable",
-                                   f"{error}; the rest of the file is skipped")
+            yield from self._walk(JsonStream(handle, chunk=self.chunk))
+
+    # Planned reading (data_pipeline.build.readers.base): the driver indexes the material boundaries
+    # of a plain .json in one numpy pass; each part is a byte range of whole materials that a task
+    # decodes itself. A gzip file cannot be read from the middle, so it is scanned (plan → None).
+    def identity(self) -> str:
+        return file_identity(self.path)
+
+    def plan(self, entries: int) -> list[dict] | None:
+        if self.path.name.lower().endswith(".gz"):
+            return None
+        boundaries = member_boundaries(self.path)
+        if boundaries is None:
+            return None  # not an object: the scan reports what it is
+        return [dict(part, identity=self.identity()) for part in plan_ranges(boundaries, int(self.part_bytes or entries * BYTES_PER_FRAME))]
+
+    def scan_part(self, part: dict) -> Iterator[RawEntry | Reject]:
+        """The entries of one planned byte range. A syntax error skips the rest of this part only
+        (a sequential scan loses the rest of the file)."""
+        yield from self._walk(read_members(self.path, part["start"], part["end"], part["char"], self.chunk))
+
+    def _walk(self, stream: JsonStream) -> Iterator[RawEntry | Reject]:
+        mp_id = frame_id = None
+        try:
+            for mp_id, _ in iter_object(stream):
+                frame_id = None
+                if stream.peek() != "{":
+                    value = stream.value()
+                    yield self._reject(f"{self.source}:{mp_id}", f"material {mp_id}", "unparsable",
+                                       f"material {mp_id} is {type(value).__name__}, expected an object of frames")
+                    continue
+                for frame_id, _ in iter_object(stream):
+                    frame = stream.value()
+                    yield RawEntry(
+                        source=self.source,
+                        key=f"{self.source}:{mp_id}:{frame_id}",
+                        group=mp_id,
+                        location=f"{self.path.name}:{mp_id}/{frame_id}",
+                        payload=frame,
+                    )
+                frame_id = None
+        except Truncated as error:
+            key = f"{self.source}:{mp_id}:{frame_id}" if frame_id else f"{self.source}:{self.path.name}"
+            yield self._reject(key, f"after {mp_id}/{frame_id}" if mp_id else "start", "truncated_file", str(error))
+        except Malformed as error:
+            key = f"{self.source}:{mp_id}:{frame_id}" if frame_id else f"{self.source}:{self.path.name}"
+            yield self._reject(key, f"after {mp_id}/{frame_id}" if mp_id else "start", "unparsable",
+                               f"{error}; the rest of the file is skipped")
 
     def _reject(self, key: str, where: str, code: str, detail: str) -> Reject:
         return Reject(key=key, source=self.source, location=f"{self.path.name}:{where}", reason=f"{code}: {detail}")

@@ -10,12 +10,13 @@ No labels: these files carry structures only.
 """
 from __future__ import annotations
 
+
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from data_pipeline.build.readers import register_reader
-from data_pipeline.build.readers._archive import TRUNCATED, container_label, iter_members
-from data_pipeline.build.readers._common import arrays_from_cif, arrays_from_poscar, make_record, source_name_from_path
+from data_pipeline.build.readers._archive import TRUNCATED, MemberReader, can_list, container_label, iter_members, list_members
+from data_pipeline.build.readers._common import arrays_from_cif, arrays_from_poscar, batched, make_record, source_name_from_path
 from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
 from data_pipeline.build.validate import reject
@@ -68,6 +69,34 @@ class StructureFilesReader:
             seen.add(stem)
             key = f"{self.source}:{stem}"
             location = f"{where}{member}"
+            if isinstance(data, Exception):
+                yield Reject(key=key, source=self.source, location=location, reason=f"unparsable: unreadable ({data})")
+                continue
+            yield RawEntry(source=self.source, key=key, group=stem, location=location,
+                           payload={"format": structure_format(member), "text": decode_text(data)})
+
+    # Planned reading (readers.base): a folder or zip is listed on the driver (names, sizes, CRCs),
+    # its members are read in the parse tasks. A tar stream is scanned (plan → None).
+    def plan(self, entries: int) -> Iterator[dict] | None:
+        if not can_list(self.path):
+            return None
+        return ({"members": batch} for batch in batched(self._plan_members(), entries))
+
+    def _plan_members(self) -> Iterator[list]:
+        seen: set[str] = set()
+        for member, identity in list_members(self.path, lambda m: structure_format(m) is not None):
+            stem = member_stem(member)
+            if stem in seen:
+                stem = member.rsplit(".", 1)[0] if "." in PurePosixPath(member).name else member
+            seen.add(stem)
+            yield [member, stem, identity]
+
+    def scan_part(self, part: dict) -> Iterator[RawEntry | Reject]:
+        where = container_label(self.path)
+        if not hasattr(self, "_members"):
+            self._members = MemberReader(self.path)
+        for member, stem, _ in part["members"]:
+            key, location, data = f"{self.source}:{stem}", f"{where}{member}", self._members.read(member)
             if isinstance(data, Exception):
                 yield Reject(key=key, source=self.source, location=location, reason=f"unparsable: unreadable ({data})")
                 continue
