@@ -25,6 +25,32 @@ def resolve_tracking_uri(run_root: str | os.PathLike, configured: str | None = N
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def point_mlflow_at(uri: str):
+    """Point MLflow's process-global tracking URI at `uri` (fluent `mlflow.start_run`/`log_*` use it)
+    and return a function that puts it back as it was.
+
+    `mlflow.set_tracking_uri` is process-global and also exports $MLFLOW_TRACKING_URI, which
+    `resolve_tracking_uri` prefers over a run root: left set, it would send every later command of the
+    same process (an evaluation, a second training run, a notebook cell) into this store. The
+    restore function is idempotent."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    done = False
+
+    def restore() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        mlflow.set_tracking_uri(previous)  # None clears mlflow's global and the exported variable
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    return restore
+
+
 def sqlite_folder(tracking_uri: str) -> Path | None:
     """The folder holding a `sqlite:///...` store's database file; None for other stores."""
     if not tracking_uri.startswith("sqlite:///"):

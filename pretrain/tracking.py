@@ -78,10 +78,20 @@ class MlflowTracker(NullTracker):
 
         self._mlflow = mlflow
         self.tracking_uri = tracking_uri
-        from crystalfm_common.tracking import open_client
+        from crystalfm_common.tracking import open_client, point_mlflow_at
 
         client = open_client(tracking_uri)  # first: a new store is created under a lock
-        mlflow.set_tracking_uri(tracking_uri)
+        # The fluent API below needs the global URI while the run is open; `finish` puts it back, so a
+        # Trainer used as a library does not leave later commands of the process pointed at this store.
+        self._restore_uri = point_mlflow_at(tracking_uri)
+        try:
+            self._start(client, experiment, run_name, run_dir, run_root)
+        except BaseException:
+            self._restore_uri()
+            raise
+
+    def _start(self, client, experiment: str, run_name: str, run_dir: Path, run_root: Path) -> None:
+        mlflow, tracking_uri = self._mlflow, self.tracking_uri
         found = client.get_experiment_by_name(experiment)
         if found is None:
             location = experiment_artifact_location(tracking_uri, run_root)
@@ -132,7 +142,10 @@ class MlflowTracker(NullTracker):
         self._mlflow.log_artifact(str(path))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
+        try:
+            self._mlflow.end_run(status=status)
+        finally:
+            self._restore_uri()
 
 
 def _is_number(value) -> bool:

@@ -3,6 +3,7 @@ model card with data licences, MLflow registry alias, clear errors for wrong pat
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -82,6 +83,52 @@ def test_model_card_and_registry(trained):
     assert version.run_id == run_id
     names = [a.path for a in client.list_artifacts(run_id)]
     assert f"release-{release_id(tmp / 'rel3')}" in names
+
+
+@pytest.mark.slow
+def test_training_and_release_leave_later_commands_their_own_store(trained, tmp_path):
+    """Training in-process (the module fixture) and releasing must not leave MLflow's process-global
+    tracking URI (and the $MLFLOW_TRACKING_URI it exports) on the training store: a later command of
+    the same process, given its own --out, logs there. Before the fix, `discovery screen --evaluate`
+    run after this file logged into the release test's store (order-dependent suite)."""
+    import mlflow
+
+    from crystalfm_common.tracking import resolve_tracking_uri
+    from discovery.tracking import log_evaluation
+    from pretrain.release import release_checkpoint
+
+    store = trained["tmp"] / "runs"
+    release_checkpoint(store / "z0" / "checkpoints", tmp_path / "rel", alias="later-commands")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert str(store) not in mlflow.get_tracking_uri()
+    later = tmp_path / "later"
+    assert resolve_tracking_uri(later) == f"sqlite:///{later.resolve() / 'mlflow.db'}"
+    uri, run_id = log_evaluation(later, "later-command", "eval", {}, {"x": 1.0})
+    assert uri == f"sqlite:///{later.resolve() / 'mlflow.db'}"
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics == {"x": 1.0}
+
+
+def test_tracker_puts_the_process_tracking_uri_back(tmp_path, monkeypatch):
+    """`MlflowTracker` points the fluent API at its store while the run is open, and `finish` restores
+    what was there before: nothing, or a caller's own $MLFLOW_TRACKING_URI."""
+    import mlflow
+
+    from pretrain.tracking import MlflowTracker
+
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    outer = f"sqlite:///{tmp_path / 'outer' / 'mlflow.db'}"
+    for before in (None, outer):
+        if before is not None:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+        tracker = MlflowTracker(tracking_uri=store, experiment="restore", run_name="r", run_dir=tmp_path / f"run-{bool(before)}",
+                                run_root=tmp_path / "store")
+        assert mlflow.get_tracking_uri() == store
+        tracker.log_metrics({"x": 1.0}, step=1)
+        tracker.finish()
+        tracker.finish()  # Trainer.close() after fit() finishes again
+        assert os.environ.get("MLFLOW_TRACKING_URI") == before
+        assert mlflow.MlflowClient(store).get_run(tracker.run_id).data.metrics == {"x": 1.0}
+    assert mlflow.get_tracking_uri() == outer
 
 
 def test_wrong_paths_say_what_to_do(tmp_path):
