@@ -55,6 +55,7 @@ DUPLICATES_NAME = "duplicates.jsonl"
 CHUNK_INDEX_VERSION = 3  # 3: records carry the shape key (dedup.shape_key) when the build matches structurally
 BUCKET_BATCH = 256  # candidates per phase-1 structural-matching task (small pieces are packed)
 PAIRS_PER_TASK = 1024  # phase-2 comparisons per task (tiles of one split formula bucket are packed)
+SHAPE_BATCH = 256  # records per shape-key task in the dedup stage (records of exact sources that meet structural ones)
 DEDUP_VERSION = "shape-1"  # in the digests of matching results, so results of another algorithm are redone
 SPILL_CHUNKS = 16  # chunk files read by one shuffle map task (its spill file holds their kept samples)
 
@@ -501,8 +502,6 @@ def _entries_digest(items: list | dict) -> str:
 
 
 def parse_stage(state: BuildState, progress: bool, log) -> None:
-    shape_matcher = _asdict(state.config.matcher) if needs_shape_keys(state.config) else None
-
     def jobs():
         for src, number, items in _chunks(state, log):
             spec = state.specs[src]
@@ -510,7 +509,7 @@ def parse_stage(state: BuildState, progress: bool, log) -> None:
             digest = _entries_digest(items)
             source = {"kind": spec.kind, "path": spec.path, "options": spec.options, "name": spec.name}
             yield (src, str(path)), _load_chunk_index(path, digest), parse_chunk, (source, items, str(path), digest,
-                                                                                 state.config.pdd_k, shape_matcher)
+                                                                                 state.config.pdd_k, _parse_shapes(state, src))
 
     reused = run_resumable(state.executor, jobs(), lambda tag, index: _absorb_chunk(state, *tag, index),
                            desc="parse (chunks)", unit="chunk", progress=progress, window=2 * state.executor.parallelism + 1)
@@ -709,8 +708,58 @@ def dedup_stage(state: BuildState, progress: bool, log) -> None:
 
 
 def needs_shape_keys(config: BuildConfig) -> bool:
-    """Whether the build may run StructureMatcher (then parse tasks compute each record's shape key)."""
+    """Whether the build may run StructureMatcher (then records it compares need shape keys)."""
     return any(s.dedup == "structural" for s in config.sources) or (bool(config.exclude) and config.exclude_match == "structural")
+
+
+def _parse_shapes(state: BuildState, src: int) -> dict | None:
+    """The matcher config when the parse tasks of source `src` should compute shape keys, else None.
+    Every record meets the references of a structural `exclude`, so then all get one; otherwise only
+    records of `structural` sources do, and the few other records that share a formula bucket with
+    them get theirs in the dedup stage (`_fill_shapes`): a key costs a Niggli reduction (~5-20 ms),
+    which a build with one small structural source used to pay for every record."""
+    config = state.config
+    if not needs_shape_keys(config):
+        return None
+    if config.exclude and config.exclude_match == "structural":
+        return _asdict(config.matcher)
+    if state.roles[src] != "exclude" and state.specs[src].dedup == "structural":
+        return _asdict(config.matcher)
+    return None
+
+
+def _fill_shapes(state: BuildState, missing: list[RecordMeta], progress: bool) -> None:
+    """Shape keys, in Ray tasks, for the records about to be matched whose parse did not compute one
+    (same function, same bytes in: the same key the parse task would have stored)."""
+    matcher = _asdict(state.config.matcher)
+    jobs = []
+    for number, start in enumerate(range(0, len(missing), SHAPE_BATCH)):
+        batch = missing[start : start + SHAPE_BATCH]
+        payload = [_member(state, m) for m in batch]
+        path = state.work / "shapes" / f"s{number:07d}.json"
+        digest = hashlib.sha256(json.dumps([DEDUP_VERSION, matcher, payload]).encode()).hexdigest()
+        done = json.loads(path.read_bytes()) if path.exists() else None
+        done = done if done is not None and done.get("digest") == digest else None
+        jobs.append((batch, done, shape_keys_task, (payload, matcher, str(path), digest)))
+
+    def absorb(batch, result) -> None:
+        for meta, shape in zip(batch, result["shapes"]):
+            meta.shape = tuple(shape)
+
+    (state.work / "shapes").mkdir(parents=True, exist_ok=True)
+    run_resumable(state.executor, jobs, absorb, desc="dedup (shape keys)", unit="task", progress=progress)
+
+
+def shape_keys_task(payload: list, matcher: dict, path: str, digest: str) -> dict:
+    """Ray task: the dedup shape key of each member (read back from its chunk file)."""
+    from data_pipeline.build.config import MatcherConfig
+    from data_pipeline.build.dedup import shape_key
+
+    cfg = MatcherConfig(**matcher)
+    shapes = [list(shape_key(c.record, cfg)) for c in _candidates(payload, "record")]
+    result = {"digest": digest, "shapes": shapes}
+    write_bytes_atomic(path, dumps(result))
+    return result
 
 
 def structural_matches(state: BuildState, survivors: list[RecordMeta], progress: bool, log) -> list[tuple[str, str, str]]:
@@ -739,11 +788,14 @@ def structural_matches(state: BuildState, survivors: list[RecordMeta], progress:
 
     tol = shape_tolerance(config.matcher)
     shape = lambda m: m.shape if m.shape is not None else UNKNOWN_SHAPE  # noqa: E731
+    matched = [(formula, members) for formula, members in sorted(buckets.items())
+               if len(members) >= 2 and needs_matching(members)]
+    missing = [m for _, members in matched for _, m in members if m.shape is None]
+    if missing:
+        _fill_shapes(state, missing, progress)
     pieces = []  # (formula, refs, records of the piece in global order)
     cut_buckets = []  # (formula, records, piece number of each record)
-    for formula, members in sorted(buckets.items()):
-        if len(members) < 2 or not needs_matching(members):
-            continue
+    for formula, members in matched:
         refs = [m for role, m in members if role == "ref"]
         records = [m for role, m in members if role == "record"]
         cut = plan_pieces([shape(m) for m in records], config.dedup_group_size, tol)

@@ -203,3 +203,28 @@ def test_a_truncated_work_file_is_named_with_its_record(tmp_path):
     with pytest.raises(BuildError, match=r"is truncated: record 'src:mp-2'"):
         write_shard([[str(chunk), "src:mp-2", 90, 20, 0, 1]], str(tmp_path / "t.tar"), str(tmp_path / "t.json"), "train", "d")
     assert not (tmp_path / "t.tar").exists()
+
+
+@pytest.mark.slow
+def test_only_records_that_are_matched_pay_for_a_shape_key(shared_data, tmp_path, monkeypatch):
+    """Parse tasks compute shape keys for structural sources only; records of exact sources get one
+    in the dedup stage only when their formula bucket is matched. Same bytes as keying every record."""
+    import data_pipeline.build.dedup as dedup
+    import data_pipeline.build.stages as stages
+
+    data = real_subset(shared_data, tmp_path, tmp_path / "lazy")
+    keyed: list[str] = []
+    real_shape_key = dedup.shape_key
+    monkeypatch.setattr(dedup, "shape_key", lambda record, cfg: keyed.append(record.key) or real_shape_key(record, cfg))
+    lazy = quiet(BuildConfig.from_dict(data)).manifest
+    counts = {name: s["parsed"] for name, s in lazy["sources"].items()}
+    structural = counts["mpts52"] + counts["copies"]
+    from_exact = [k for k in keyed if k.startswith("mp20:")]
+    assert len(from_exact) >= 40  # the MP-20 records the copies are matched against were keyed...
+    assert len(keyed) < sum(counts.values()) and len(keyed) - len(from_exact) >= structural  # ...not every record
+    prefixes = {k.split(":")[0] for k in keyed}
+    assert "mp20" in prefixes and len(prefixes) == 3, prefixes  # MP-20, MPTS-52, the copies: no Perov-5, Carbon-24
+
+    monkeypatch.setattr(stages, "_parse_shapes", lambda state, src: stages._asdict(state.config.matcher))
+    quiet(BuildConfig.from_dict({**data, "out": str(tmp_path / "eager")}))
+    assert outputs(tmp_path / "lazy") == outputs(tmp_path / "eager")
