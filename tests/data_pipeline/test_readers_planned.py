@@ -184,3 +184,34 @@ def test_planned_and_scanned_builds_are_byte_identical_and_resume_reads_nothing(
     assert strip(resumed.manifest) == strip(planned.manifest)
     assert {n: v for n, v in files(tmp_path / "resumed").items() if n.endswith(".tar")} == \
         {n: v for n, v in a.items() if n.endswith(".tar")}
+
+
+def test_gnome_csv_byte_ranges_with_quoted_newlines_blank_rows_and_no_final_newline(shared_data, tmp_path):
+    """GNoME with a zip plans byte ranges of CSV records (no row read on the driver); a quoted
+    field holding line breaks, a blank line and a missing final newline number rows as the scan does."""
+    import csv
+    import io
+
+    from data_pipeline.build.readers._jsonindex import csv_record_ends
+
+    src = shared_data / "derived_layouts" / "gnome"
+    rows = list(csv.reader(io.StringIO((src / "stable_materials_summary.csv").read_text(), newline="")))
+    rows[3][-1] = 'line one\nline "two"\r\nthree'  # a label cell with breaks and quotes
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows[:10])
+    body = text.getvalue() + "\r\n" + "".join(",".join(r) + "\n" for r in rows[10:40])
+    work = tmp_path / "g"
+    work.mkdir()
+    (work / "stable_materials_summary.csv").write_text(body.rstrip("\n"), newline="")
+    (work / "by_id.zip").symlink_to(src / "by_id.zip")
+    ends = csv_record_ends(work / "stable_materials_summary.csv", block=5)
+    assert ends == csv_record_ends(work / "stable_materials_summary.csv")
+    reader = open_reader("gnome", work)
+    parts = list(reader.plan(3))
+    assert all("rows" in p for p in parts) and len(parts) == 14  # 40 records after the header, one blank
+    for entries in (1, 3, 256):
+        assert planned(open_reader("gnome", work), entries) == list(open_reader("gnome", work).scan())
+    assert any(isinstance(i, Reject) and "empty MaterialId" in i.reason for i in planned(reader, 3))
+    for variant in sorted((src / "header_variants").glob("*.csv")):
+        options = {"structures": src / "by_id.zip"}
+        assert planned(open_reader("gnome", variant, **options), 5) == list(open_reader("gnome", variant, **options).scan())

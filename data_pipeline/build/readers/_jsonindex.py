@@ -123,3 +123,23 @@ def plan_ranges(boundaries: tuple[list[int], list[int]], target_bytes: int) -> I
             yield {"start": byte_at[first], "end": byte_at[i], "char": char_at[first]}
             first = i
     yield {"start": byte_at[first], "end": None, "char": char_at[first]}
+
+
+def csv_record_ends(path: Path, block: int = _BLOCK) -> list[int]:
+    """Byte positions just after every newline that ends a CSV record (a `\\n` outside quotes; a
+    quoted field may hold line breaks, and `""` inside one toggles twice). One numpy pass."""
+    ends: list[int] = []
+    in_quotes, offset = False, 0
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(block)
+            if not data:
+                break
+            arr = np.frombuffer(data, dtype=np.uint8)
+            quotes = np.flatnonzero(arr == _QUOTE)
+            newlines = np.flatnonzero(arr == 10)
+            outside = (np.searchsorted(quotes, newlines) + in_quotes) % 2 == 0
+            ends.extend((newlines[outside] + 1 + offset).tolist())
+            in_quotes = bool((len(quotes) + in_quotes) % 2)
+            offset += len(data)
+    return ends

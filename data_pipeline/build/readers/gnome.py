@@ -26,6 +26,7 @@ from __future__ import annotations
 
 
 import csv
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Iterator
 
 from data_pipeline.build.readers import register_reader
 from data_pipeline.build.readers._archive import MemberReader, can_list, container_label, iter_members, list_members
+from data_pipeline.build.readers._jsonindex import csv_record_ends
 from data_pipeline.build.readers._common import arrays_from_cif, batched, csv_float, file_identity, make_record, open_text
 from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.build.readers.structure_files import decode_text, member_stem
@@ -162,9 +164,33 @@ class GnomeReader:
         else:
             if not can_list(self.structures):
                 return None
+            if self.structures.is_file() and not self.csv.name.lower().endswith(".gz") and self._csv_header()[0] is not None:
+                return self._plan_csv_ranges(entries)
+            # A .gz cannot be read from the middle, and a folder of CIFs has no one identity: plan
+            # row by row (each CIF's size and mtime in the part).
             items = self._plan_csv()
         csv_identity = file_identity(self.csv) if self.csv is not None else ""
         return ({"items": batch, "csv": csv_identity} for batch in batched(items, entries))
+
+    def _csv_header(self) -> tuple[int | None, list[tuple[int, str]]]:
+        """(MaterialId column or None, [(column, field)]) from the CSV's first record."""
+        with open_text(self.csv) as handle:
+            header = [normalise(c) for c in next(csv.reader(handle), [])]
+        id_at = header.index(ID_COLUMN) if ID_COLUMN in header else None
+        return id_at, [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
+
+    def _plan_csv_ranges(self, entries: int) -> Iterator[dict]:
+        """Parts of `entries` CSV records each, as byte ranges found by one numpy pass: the driver
+        reads neither the rows nor the zip's directory; each task parses its rows and fetches their
+        CIFs (the zip's directory is read once per worker process)."""
+        ends = csv_record_ends(self.csv)
+        size = self.csv.stat().st_size
+        if not ends or ends[-1] != size:
+            ends.append(size)  # a last record without a final newline
+        identity = f"{file_identity(self.csv)}|{file_identity(self.structures)}"
+        for first in range(1, len(ends), entries):  # record 0 is the header
+            last = min(first + entries, len(ends)) - 1
+            yield {"rows": [ends[first - 1], ends[last], first], "identity": identity}
 
     def _plan_csv(self) -> Iterator[list]:
         """One item per CSV row: ["reject", key, location, reason] or
@@ -198,6 +224,9 @@ class GnomeReader:
             structures.close()
 
     def scan_part(self, part: dict) -> Iterator[RawEntry | Reject]:
+        if "rows" in part:
+            yield from self._scan_rows(*part["rows"])
+            return
         where = container_label(self.structures)
         if not hasattr(self, "_members"):
             self._members = MemberReader(self.structures)
@@ -216,6 +245,36 @@ class GnomeReader:
             yield RawEntry(source=self.source, key=key, group=material_id, location=location,
                            payload={"cif": decode_text(data), "labels": labels})
 
+    def _scan_rows(self, start: int, end: int, first_row: int) -> Iterator[RawEntry | Reject]:
+        """The records of CSV bytes [start, end), numbered from `first_row` (as `_scan_csv` numbers them)."""
+        if not hasattr(self, "_header"):
+            self._header = self._csv_header()
+            self._structures = _Structures(self.structures)
+        id_at, wanted = self._header
+        with open(self.csv, "rb") as handle:
+            handle.seek(start)
+            text = handle.read(end - start).decode("utf-8")
+        rows = csv.reader(io.StringIO(text, newline=""))
+        yield from self._row_entries(rows, first_row, id_at, wanted, self._structures)
+
+    def _row_entries(self, rows, first_row: int, id_at: int, wanted: list, structures: "_Structures") -> Iterator[RawEntry | Reject]:
+        for row_number, row in enumerate(rows, start=first_row):
+            row_at = f"{self.csv.name}:row {row_number}"
+            material_id = row[id_at].strip() if id_at < len(row) else ""
+            if not material_id:
+                yield Reject(key=f"{self.source}:{row_at}", source=self.source, location=row_at,
+                             reason="missing_field: empty MaterialId")
+                continue
+            key = f"{self.source}:{material_id}"
+            location, data = structures.read(material_id)
+            if data is None:
+                yield Reject(key=key, source=self.source, location=f"{row_at} → {location}",
+                             reason=f"missing_field: no CIF {location} for this row")
+                continue
+            labels = {field: row[i] for i, field in wanted if i < len(row)}
+            yield RawEntry(source=self.source, key=key, group=material_id, location=f"{row_at} → {location}",
+                           payload={"cif": decode_text(data), "labels": labels})
+
     def _scan_csv(self) -> Iterator[RawEntry | Reject]:
         structures = _Structures(self.structures)
         try:
@@ -228,22 +287,7 @@ class GnomeReader:
                     return
                 id_at = header.index(ID_COLUMN)
                 wanted = [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
-                for row_number, row in enumerate(reader, start=1):
-                    row_at = f"{self.csv.name}:row {row_number}"
-                    material_id = row[id_at].strip() if id_at < len(row) else ""
-                    if not material_id:
-                        yield Reject(key=f"{self.source}:{row_at}", source=self.source, location=row_at,
-                                     reason="missing_field: empty MaterialId")
-                        continue
-                    key = f"{self.source}:{material_id}"
-                    location, data = structures.read(material_id)
-                    if data is None:
-                        yield Reject(key=key, source=self.source, location=f"{row_at} → {location}",
-                                     reason=f"missing_field: no CIF {location} for this row")
-                        continue
-                    labels = {field: row[i] for i, field in wanted if i < len(row)}
-                    yield RawEntry(source=self.source, key=key, group=material_id, location=f"{row_at} → {location}",
-                                   payload={"cif": decode_text(data), "labels": labels})
+                yield from self._row_entries(reader, 1, id_at, wanted, structures)
         finally:
             structures.close()
 
