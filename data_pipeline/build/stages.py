@@ -479,16 +479,28 @@ def _plan(state: BuildState, src: int, reader, entries: int):
     identity = reader.identity() if hasattr(reader, "identity") else None
     if identity is None:
         return reader.plan(entries)
+    import inspect
+
+    if "map_tasks" in inspect.signature(reader.plan).parameters:  # planning that is itself parallel
+        plan = lambda: reader.plan(entries, map_tasks=lambda fn, args: _map_tasks(state.executor, fn, args))  # noqa: E731
+    else:
+        plan = lambda: reader.plan(entries)  # noqa: E731
     digest = hashlib.sha256(json.dumps([identity, entries]).encode()).hexdigest()[:16]
     cache = state.work / "plans" / f"{src:03d}-{digest}.json"
     if cache.exists():
         cached = json.loads(cache.read_bytes())
         return None if cached["parts"] is None else iter(cached["parts"])
-    parts = reader.plan(entries)
+    parts = plan()
     parts = None if parts is None else list(parts)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(str(cache), dumps({"identity": identity, "parts": parts}))
     return None if parts is None else iter(parts)
+
+
+def _map_tasks(executor, fn, args_list: list) -> list:
+    """fn(*args) for every args as tasks of the build's executor; results in order."""
+    handles = [executor.submit(fn, *args) for args in args_list]
+    return [executor.get(h) for h in handles]
 
 
 def _entries_digest(items: list | dict) -> str:

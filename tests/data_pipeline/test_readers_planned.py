@@ -147,6 +147,7 @@ def test_planned_and_scanned_builds_are_byte_identical_and_resume_reads_nothing(
     from data_pipeline.build.config import BuildConfig
     from data_pipeline.build.stages import build
 
+    monkeypatch.setattr(mptrj_module, "INDEX_BLOCK", 100_000)  # the plain MPtrj file is indexed in ~15 tasks
     data = {"sources": _planned_sources(shared_data, tmp_path), "chunk_size": 64, "shard_bytes": 1 << 20,
             "executor": "inline"}
     quiet = lambda config: build(config, progress=False, log=lambda _: None)  # noqa: E731
@@ -174,8 +175,9 @@ def test_planned_and_scanned_builds_are_byte_identical_and_resume_reads_nothing(
     def no_index(*_):
         raise AssertionError("the MPtrj file was indexed again on resume")
 
-    monkeypatch.setattr(jsonindex, "member_boundaries", no_index)
-    monkeypatch.setattr(mptrj_module, "member_boundaries", no_index)
+    for name in ("member_boundaries", "index_block", "chain_blocks"):
+        monkeypatch.setattr(jsonindex, name, no_index)
+        monkeypatch.setattr(mptrj_module, name, no_index)
     monkeypatch.setattr(mptrj_module.MPtrjReader, "scan", lambda self: (_ for _ in ()).throw(AssertionError("scan on resume")))
     logs: list[str] = []
     resumed = build(config, progress=False, log=logs.append)
@@ -215,3 +217,35 @@ def test_gnome_csv_byte_ranges_with_quoted_newlines_blank_rows_and_no_final_newl
     for variant in sorted((src / "header_variants").glob("*.csv")):
         options = {"structures": src / "by_id.zip"}
         assert planned(open_reader("gnome", variant, **options), 5) == list(open_reader("gnome", variant, **options).scan())
+
+
+def test_json_index_in_parallel_blocks_equals_the_sequential_pass(shared_data, tmp_path):
+    """Blocks indexed on their own under both string-parity hypotheses, then chained, give the
+    sequential boundaries: on the MPtrj sample and its broken variants, and on strings full of
+    brackets, escaped quotes and backslash runs cut by every block size."""
+    from data_pipeline.build.readers._jsonindex import block_ranges, chain_blocks, index_block
+
+    doc = {"a": {"f": {"s": 'x"{y}\\', "t": "é{ü}[", "u": "\\\\\""}}, "b": 5, "c": [1, {"d": "]"}],
+           "e": {}, "g": {"h": "\\\\\\\\\\\"}}"}}
+    tricky = tmp_path / "tricky.json"
+    tricky.write_text(json.dumps(doc, ensure_ascii=False, indent=1))
+    mptrj = shared_data / "derived_layouts" / "mptrj"
+    for path, blocks in [(tricky, (1, 2, 3, 5, 7, 16, 4096)), (mptrj / "MPtrj_sample.json", (997, 1 << 16, 1 << 24))] + \
+            [(p, (13, 4096)) for p in sorted((mptrj / "bad").glob("*.json"))]:
+        expected = member_boundaries(path)
+        for block in blocks:
+            assert chain_blocks(path, [index_block(*r) for r in block_ranges(path, block)]) == expected, (path.name, block)
+
+
+def test_mptrj_plan_with_parallel_index_tasks(shared_data, monkeypatch):
+    import data_pipeline.build.readers.mptrj as mptrj_module
+
+    monkeypatch.setattr(mptrj_module, "INDEX_BLOCK", 50_000)  # the 1.5 MB sample in ~30 index tasks
+    calls = []
+
+    def map_tasks(fn, args):
+        calls.append(len(args))
+        return [fn(*a) for a in args]
+
+    reader = open_reader("mptrj", shared_data / "derived_layouts" / "mptrj" / "MPtrj_sample.json")
+    assert reader.plan(16, map_tasks=map_tasks) == reader.plan(16) and calls and calls[0] > 20

@@ -143,3 +143,77 @@ def csv_record_ends(path: Path, block: int = _BLOCK) -> list[int]:
             in_quotes = bool((len(quotes) + in_quotes) % 2)
             offset += len(data)
     return ends
+
+
+# ------------------------------------------------------------- the same index, in parallel blocks
+# A block cannot know whether it starts inside a string, nor its depth. Quotes and escapes do not
+# depend on that, so each block is indexed under both string-parity hypotheses, with depths relative
+# to its start, and `chain_blocks` walks the blocks in order picking the hypothesis the previous
+# block ends in. Only closing brackets at the block's lowest or next-lowest relative level can be
+# member ends (the file's depth is ≥ 1 inside the outer object), so a block returns few positions.
+def index_block(path: str, start: int, end: int) -> dict:
+    """Ray task: the block [start, end) of `path` under both hypotheses (see above)."""
+    with open(path, "rb") as handle:
+        carried, look = 0, start
+        while look > 0:  # a backslash run ending just before the block escapes its first quote
+            step = min(look, 256)
+            handle.seek(look - step)
+            before = handle.read(step)
+            run = len(before) - len(before.rstrip(b"\\"))
+            carried += run
+            if run < step:
+                break
+            look -= step
+        handle.seek(start)
+        data = handle.read(end - start)
+    arr = np.frombuffer(data, dtype=np.uint8)
+    quotes = np.flatnonzero(arr == _QUOTE)
+    if carried or data.find(b"\\") >= 0:
+        quotes = _unescaped(arr, quotes, carried)
+    kinds = np.frombuffer(data.translate(_BRACKETS), dtype=np.int8)
+    brackets = np.flatnonzero(kinds)
+    parity = np.searchsorted(quotes, brackets) % 2
+    ascii_only = data.isascii()
+    cont = None if ascii_only else np.flatnonzero((arr & 0xC0) == 0x80)
+    out = {"start": start, "quotes": int(len(quotes)), "continuations": 0 if ascii_only else int(len(cont)),
+           "hypotheses": []}
+    for in_string in (0, 1):
+        outside = brackets[(parity + in_string) % 2 == 0]
+        rel = np.cumsum(kinds[outside], dtype=np.int64)
+        low = int(min(0, rel.min())) if len(rel) else 0
+        closing = (kinds[outside] == -1) & (rel <= low + 1)
+        ends = outside[closing] + 1
+        out["hypotheses"].append({
+            "delta": int(rel[-1]) if len(rel) else 0,
+            "ends": (ends + start).tolist(),
+            "levels": rel[closing].tolist(),
+            "cont_before": [] if ascii_only else np.searchsorted(cont, ends).tolist(),
+        })
+    return out
+
+
+def block_ranges(path: Path, block: int) -> list[tuple[str, int, int]]:
+    size = Path(path).stat().st_size
+    return [(str(path), start, min(start + block, size)) for start in range(0, size, block)]
+
+
+def chain_blocks(path: Path, blocks: list[dict]) -> tuple[list[int], list[int]] | None:
+    """`member_boundaries` from the blocks' results, in file order."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    opening = len(head) - len(head.lstrip())
+    if head[opening : opening + 1] != b"{":
+        return None
+    byte_at = [opening + 1]
+    char_at = [opening + 1 - sum(1 for b in head[: opening + 1] if b & 0xC0 == 0x80)]
+    depth, in_string, chars_before = 0, 0, 0
+    for block in blocks:
+        h = block["hypotheses"][in_string]
+        for position, level, cont in zip(h["ends"], h["levels"], h["cont_before"] or [0] * len(h["ends"])):
+            if depth + level == 1:
+                byte_at.append(position)
+                char_at.append(position - chars_before - cont)
+        depth += h["delta"]
+        in_string = (in_string + block["quotes"]) % 2
+        chars_before += block["continuations"]
+    return byte_at, char_at
