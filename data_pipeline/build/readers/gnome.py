@@ -100,6 +100,13 @@ class _Structures:
             self.zip.close()
 
 
+def _header(reader) -> tuple[int | None, list[tuple[int, str]], object]:
+    """(MaterialId column or None, [(column, field)], the reader past the header) of a summary CSV."""
+    header = [normalise(c) for c in next(reader, [])]
+    id_at = header.index(ID_COLUMN) if ID_COLUMN in header else None
+    return id_at, [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS], reader
+
+
 def find_structures(folder: Path) -> Path | None:
     for candidate in (folder / "by_id.zip", folder / "by_id"):
         if candidate.exists():
@@ -175,9 +182,11 @@ class GnomeReader:
     def _csv_header(self) -> tuple[int | None, list[tuple[int, str]]]:
         """(MaterialId column or None, [(column, field)]) from the CSV's first record."""
         with open_text(self.csv) as handle:
-            header = [normalise(c) for c in next(csv.reader(handle), [])]
-        id_at = header.index(ID_COLUMN) if ID_COLUMN in header else None
-        return id_at, [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
+            return _header(csv.reader(handle))[:2]
+
+    def _no_id_column(self) -> tuple[str, str, str]:
+        """(key, location, reason) of the one reject for a summary CSV without a MaterialId column."""
+        return f"{self.source}:{self.csv.name}", self.csv.name, f"missing_field: no MaterialId column in {self.csv.name}"
 
     def _plan_csv_ranges(self, entries: int) -> Iterator[dict]:
         """Parts of `entries` CSV records each, as byte ranges found by one numpy pass: the driver
@@ -198,14 +207,10 @@ class GnomeReader:
         structures = _Structures(self.structures)
         try:
             with open_text(self.csv) as handle:
-                reader = csv.reader(handle)
-                header = [normalise(c) for c in next(reader, [])]
-                if ID_COLUMN not in header:
-                    yield ["reject", f"{self.source}:{self.csv.name}", self.csv.name,
-                           f"missing_field: no MaterialId column in {self.csv.name}"]
+                id_at, wanted, reader = _header(csv.reader(handle))
+                if id_at is None:
+                    yield ["reject", *self._no_id_column()]
                     return
-                id_at = header.index(ID_COLUMN)
-                wanted = [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
                 for row_number, row in enumerate(reader, start=1):
                     row_at = f"{self.csv.name}:row {row_number}"
                     material_id = row[id_at].strip() if id_at < len(row) else ""
@@ -247,10 +252,10 @@ class GnomeReader:
 
     def _scan_rows(self, start: int, end: int, first_row: int) -> Iterator[RawEntry | Reject]:
         """The records of CSV bytes [start, end), numbered from `first_row` (as `_scan_csv` numbers them)."""
-        if not hasattr(self, "_header"):
-            self._header = self._csv_header()
+        if not hasattr(self, "_columns"):
+            self._columns = self._csv_header()
             self._structures = _Structures(self.structures)
-        id_at, wanted = self._header
+        id_at, wanted = self._columns
         with open(self.csv, "rb") as handle:
             handle.seek(start)
             text = handle.read(end - start).decode("utf-8")
@@ -279,14 +284,11 @@ class GnomeReader:
         structures = _Structures(self.structures)
         try:
             with open_text(self.csv) as handle:
-                reader = csv.reader(handle)
-                header = [normalise(c) for c in next(reader, [])]
-                if ID_COLUMN not in header:
-                    yield Reject(key=f"{self.source}:{self.csv.name}", source=self.source, location=self.csv.name,
-                                 reason=f"missing_field: no MaterialId column in {self.csv.name}")
+                id_at, wanted, reader = _header(csv.reader(handle))
+                if id_at is None:
+                    key, location, reason = self._no_id_column()
+                    yield Reject(key=key, source=self.source, location=location, reason=reason)
                     return
-                id_at = header.index(ID_COLUMN)
-                wanted = [(i, COLUMNS[name]) for i, name in enumerate(header) if name in COLUMNS]
                 yield from self._row_entries(reader, 1, id_at, wanted, structures)
         finally:
             structures.close()
