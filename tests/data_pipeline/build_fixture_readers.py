@@ -103,3 +103,31 @@ def crafted_rows() -> list[dict]:
         structure_row("rocksalt", rocksalt),  # the same key again
         *frames,
     ]
+
+
+FAILING_KIND = "build_fixture_readers:FailingPlanReader"
+
+
+class FailingPlanReader(JsonlReader):
+    """Plans one part per 2 lines. A row with "die_reading" is yielded, then the reader raises
+    (it breaks mid-part); a row with "die_planning" makes the plan itself raise there."""
+
+    def plan(self, entries: int):
+        lines = self.path.read_text().splitlines()
+
+        def parts():
+            for start in range(0, len(lines), 2):
+                if any("die_planning" in line for line in lines[start : start + 2]):
+                    raise OSError("the listing broke")
+                yield {"lines": [start, start + 2]}
+
+        return parts()
+
+    def scan_part(self, part: dict):
+        start, end = part["lines"]
+        for number, line in enumerate(self.path.read_text().splitlines()[start:end], start + 1):
+            row = json.loads(line)
+            yield RawEntry(source=self.source, key=f"{self.source}:{row['id']}", group=row.get("group", ""),
+                           location=f"{self.path.name}:line {number}", payload=row)
+            if row.get("die_reading"):
+                raise OSError("disk went away")

@@ -7,6 +7,7 @@ Checked on the real shared files and on broken ones.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 import json
 import shutil
 import zipfile
@@ -251,3 +252,36 @@ def test_mptrj_plan_with_parallel_index_tasks(shared_data, monkeypatch):
 
     reader = open_reader("mptrj", shared_data / "derived_layouts" / "mptrj" / "MPtrj_sample.json")
     assert reader.plan(16, map_tasks=map_tasks) == reader.plan(16) and calls and calls[0] > 20
+
+
+def test_a_part_or_a_plan_that_breaks_costs_only_what_it_could_not_read(tmp_path):
+    """A reader that fails inside one part loses the rest of that part, with a reject naming the
+    file and how many entries it read; a plan that fails midway keeps every part planned before it.
+    Every good record read before either failure is written."""
+    import sys
+
+    from pymatgen.core import Lattice, Structure
+
+    from data_pipeline.build.config import BuildConfig
+    from data_pipeline.build.stages import build
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from build_fixture_readers import FAILING_KIND, structure_row, write_jsonl
+
+    rows = [structure_row(f"x{i}", Structure(Lattice.cubic(3.0 + 0.1 * i), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]))
+            for i in range(8)]
+    rows[2]["die_reading"] = True  # part 1 (rows 2, 3): row 2 is read, then the reader fails
+    rows[6]["die_planning"] = True  # part 3 (rows 6, 7) cannot be planned
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = BuildConfig.from_dict({"sources": [{"kind": FAILING_KIND, "path": str(path), "name": "f"}],
+                                    "splits": {"train": 1.0}, "executor": "inline", "out": str(tmp_path / "out")})
+    logs: list[str] = []
+    manifest = build(config, progress=False, log=logs.append).manifest
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    reasons = sorted(r["reason"] for r in rejects)
+    assert len(rejects) == 2, reasons
+    assert reasons[0].startswith("unparsable: planning ") and "stopped after 3 parts (OSError: the listing broke)" in reasons[0]
+    assert reasons[1].startswith("unparsable: reading a part of ") and "stopped after 1 entries (OSError: disk went away)" in reasons[1]
+    assert str(path) in reasons[0] and str(path) in reasons[1]
+    assert manifest["sources"]["f"]["written"] == 5  # rows 0, 1, 2, 4, 5
+    assert any("planning" in line and "warning" in line for line in logs)
