@@ -38,19 +38,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--species", default="trained")
     parser.add_argument("--volume", default="generated", choices=("generated", "composition"))
+    parser.add_argument("--corrector-lr", type=float, default=None, help="wrapped coordinates: Langevin corrector step")
     args = parser.parse_args()
     from discovery.validity import compositional_validity, structural_validity
 
     objective, step = load(Path(args.model))
     start = time.perf_counter()
-    samples = objective.sample(args.n, seed=args.seed, steps=args.steps, species=args.species, volume=args.volume)
+    samples = objective.sample(args.n, seed=args.seed, steps=args.steps, species=args.species, volume=args.volume,
+                               corrector_lr=args.corrector_lr)
     sample_s = time.perf_counter() - start
     struct = [structural_validity(s)[0] for s in samples]
     comp = [compositional_validity(s)[0] for s in samples]
     elements = [len(set(s.atomic_numbers.tolist())) for s in samples]
     vpa = [s.volume / s.num_atoms for s in samples]
     print(json.dumps({"model": args.model, "step": step, "n": args.n, "sample_steps": args.steps or objective.config.steps,
-                      "volume": args.volume, "seed": args.seed,
+                      "volume": args.volume, "seed": args.seed, "corrector_lr": args.corrector_lr,
                       "struct_valid": float(np.mean(struct)), "comp_valid": float(np.mean(comp)),
                       "valid": float(np.mean(np.array(struct) & np.array(comp))),
                       "elements_median": float(np.median(elements)), "elements_max": int(max(elements)),

@@ -21,6 +21,12 @@ accumulates the normal equations of a per-element volume model (cell volume ≈ 
 squares over the training crystals); `sample(volume="composition")` scales each denoised cell,
 shape and fractional coordinates kept, to the volume that model predicts for its composition.
 
+`coordinates: wrapped` replaces the coordinates' DDPM with DiffCSP's score matching on the torus
+(Jiao et al., NeurIPS 2023): frac_t = (frac_0 + σ_t·z) mod 1 with σ_t geometric from 0.005 to 0.5, the
+denoiser reads sin/cos(2π·frac_t) and predicts the wrapped normal's −score divided by its root mean
+square at σ_t, and sampling starts from uniform coordinates and takes the reverse VE-SDE step on the
+torus (plus an optional Langevin corrector step). The species and lattice keep the DDPM, on the same t.
+
 Species are restricted at sampling time to an allowed set (default: the elements the training
 crystals contain, from a second histogram stored in the weights, and Z ≤ 94, CHGNet's table). The
 restriction is a projection onto the data's support, applied at every step of the chain: the
@@ -78,8 +84,23 @@ class DDPMConfig:
     # fractional-coordinate difference (DiffCSP's periodic edge features, Graphormer's attention
     # bias), so the denoiser sees which atoms are close; 0: the paper's denoiser, geometry-blind
     pair_frequencies: int = 0
+    # how the fractional coordinates are noised: "gaussian" is the paper's DDPM on 2·frac − 1 (the
+    # ε target of an atom near a cell face is then ambiguous: 0.02 and 0.98 are neighbours); "wrapped"
+    # is DiffCSP's score matching on the torus (Jiao et al., NeurIPS 2023): frac_t = (frac + σ_t·z) mod 1
+    # with σ_t geometric from sigma_begin to sigma_end over the T steps, the denoiser reads sin/cos(2π·frac)
+    # and predicts the wrapped normal's score, normalised per step; species and lattice stay DDPM
+    coordinates: str = "gaussian"
+    sigma_begin: float = 0.005
+    sigma_end: float = 0.5
+    # wrapped coordinates only: the step size of one Langevin corrector step per sampling step
+    # (DiffCSP's step_lr, scaled by (σ_t/σ_begin)²); 0: the predictor alone
+    corrector_lr: float = 0.0
 
     def __post_init__(self):
+        if self.coordinates not in ("gaussian", "wrapped"):
+            raise ValueError(f"objective 'ddpm': coordinates must be 'gaussian' or 'wrapped', got {self.coordinates!r}")
+        if not 0 < self.sigma_begin < self.sigma_end:
+            raise ValueError(f"objective 'ddpm': need 0 < sigma_begin < sigma_end, got {self.sigma_begin}, {self.sigma_end}")
         if self.part_weights is not None:
             weights = tuple(float(w) for w in self.part_weights)
             if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
@@ -96,6 +117,30 @@ def cosine_alphas_cumprod(steps: int, s: float) -> torch.Tensor:
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     return torch.cumprod(1 - betas, 0)
+
+
+def wrapped_sigmas(steps: int, begin: float, end: float) -> torch.Tensor:
+    """σ_t for t = 1..T of the wrapped-normal coordinate noise, geometric from begin to end. [T] float64"""
+    return torch.exp(torch.linspace(math.log(begin), math.log(end), steps, dtype=torch.float64))
+
+
+def wrapped_normal_neg_score(delta: torch.Tensor, sigma: torch.Tensor, images: int = 3) -> torch.Tensor:
+    """−∂/∂x log p(x) of the wrapped normal of period 1 and width σ at the displacement `delta` from its
+    centre: Σ_k (δ+k)/σ² · w_k with w_k ∝ exp(−(δ+k)²/2σ²), k = −images..images (σ ≤ 0.5 needs ±3).
+    delta and sigma broadcast; computed as a softmax over the images, so it is stable at small σ."""
+    k = torch.arange(-images, images + 1, device=delta.device, dtype=delta.dtype)
+    shifted = delta.unsqueeze(-1) + k  # [..., 2·images + 1]
+    sigma = sigma.unsqueeze(-1)
+    weights = torch.softmax(-shifted**2 / (2 * sigma**2), dim=-1)
+    return (weights * shifted).sum(-1) / sigma.squeeze(-1) ** 2
+
+
+def wrapped_score_norms(sigmas: torch.Tensor, samples: int = 20_000, seed: int = 0) -> torch.Tensor:
+    """E[(−score)²] of each σ's wrapped normal over its own samples (DiffCSP's λ_t⁻¹), by a seeded
+    Monte Carlo over one coordinate. [T] float64"""
+    z = torch.randn(samples, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    delta = torch.remainder(z * sigmas + 0.5, 1.0) - 0.5  # [samples, T], displacement wrapped to [−½, ½)
+    return (wrapped_normal_neg_score(delta, sigmas.expand_as(delta)) ** 2).mean(0)
 
 
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -127,7 +172,10 @@ class Denoiser(nn.Module):
         super().__init__()
         self.width = cfg.width
         self.self_condition = cfg.self_condition
-        self.embed = nn.Linear(2 * TOKEN if cfg.self_condition else TOKEN, cfg.width)
+        # wrapped coordinates are read as sin/cos(2π·frac): the input is then periodic, 3 more features
+        self.periodic_input = cfg.coordinates == "wrapped"
+        features = TOKEN + 3 if self.periodic_input else TOKEN
+        self.embed = nn.Linear(2 * features if cfg.self_condition else features, cfg.width)
         self.time = nn.Linear(cfg.width, cfg.width)  # sinusoid(t) → width
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
@@ -145,6 +193,13 @@ class Denoiser(nn.Module):
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
 
+    def input_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The token as the first layer reads it: unchanged, or with frac as sin/cos(2π·frac)."""
+        if not self.periodic_input:
+            return x
+        angles = math.pi * (x[..., :3] + 1)  # 2π·frac
+        return torch.cat([angles.sin(), angles.cos(), x[..., 3:]], dim=-1)
+
     def pair_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, L, 6K] sin/cos(2πk·(frac_i − frac_j)) of the tokens' (noisy) fractional coordinates."""
         frac = (x[..., :3] + 1) / 2  # [B, L, 3]
@@ -158,13 +213,15 @@ class Denoiser(nn.Module):
         """x0_estimate: [B, L, TOKEN] the previous x̂0 (self-conditioning only; None: zeros)."""
         temb = self.time(sinusoid(t, self.width).to(x.dtype)).unsqueeze(1)  # [B, 1, W]
         pairs = self.pair_features(x) if self.pair_frequencies else None
+        features = self.input_features(x)
         if self.self_condition:
-            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate], dim=-1)
-        h = self.embed(x)  # [B, L, W]
+            estimate = torch.zeros_like(features) if x0_estimate is None else self.input_features(x0_estimate)
+            features = torch.cat([features, estimate], dim=-1)
+        h = self.embed(features)  # [B, L, W]
         if pairs is None:
             for layer in self.layers:
                 h = layer(h + temb, src_key_padding_mask=~mask)
-            return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise
+            return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise (wrapped coordinates: −score)
         # padding as an additive mask, so it combines with the float pair bias (−inf on padded keys)
         padding = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, -math.inf)
         for layer, pair_bias in zip(self.layers, self.pair_bias):
@@ -190,6 +247,10 @@ class DDPMObjective(Objective):
         self.config = config
         self.denoiser = Denoiser(config)
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(config.steps, config.cosine_s).float())
+        if config.coordinates == "wrapped":  # recomputed from the config, so not in the state dict
+            sigmas = wrapped_sigmas(config.steps, config.sigma_begin, config.sigma_end)
+            self.register_buffer("coord_sigmas", sigmas.float(), persistent=False)
+            self.register_buffer("coord_score_norms", wrapped_score_norms(sigmas).float(), persistent=False)
         # how many training crystals had n atoms (index n); sampling draws from it
         self.register_buffer("atom_counts", torch.zeros(config.max_atoms + 1))
         # how many training atoms had atomic number Z (index Z − 1); sampling allows only Z seen
@@ -303,11 +364,13 @@ class DDPMObjective(Objective):
         abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1)
         noise = torch.randn_like(x0)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        if self.config.coordinates == "wrapped":  # coordinates: wrapped normal, target the normalised −score
+            xt, noise = self._wrap_coordinates(x0, xt, noise, t)
         estimate = None
         if self.config.self_condition and bool(torch.rand(()) < 0.5):
             with torch.no_grad():
                 first = self.denoiser(xt, t, mask)
-                estimate = self.x0_from_eps(xt, first, abar)
+                estimate = self.estimate_x0(xt, first, t)
         eps = self.denoiser(xt, t, mask, estimate)
         per_atom = self._weighted_mse(eps, noise)[mask]  # [N]
         loss = per_atom.sum() / norm.atoms
@@ -322,6 +385,37 @@ class DDPMObjective(Objective):
     def x0_from_eps(xt: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         """x̂0 from a predicted noise, clamped to [−3, 3] (tokens of real crystals lie in about [−2, 2])."""
         return ((xt - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-3, 3)
+
+    def _wrap_coordinates(self, x0, xt, noise, t):
+        """xt and the target with the coordinate part replaced: frac_t = (frac_0 + σ_t·z) mod 1, and the
+        wrapped normal's −score at σ_t·z divided by its root-mean-square at σ_t (DiffCSP's target)."""
+        sigma = self.coord_sigmas[t].to(x0.dtype).view(-1, 1, 1)  # [B, 1, 1]
+        z = torch.randn_like(x0[..., :3])
+        frac_t = torch.remainder((x0[..., :3] + 1) / 2 + sigma * z, 1.0)
+        displacement = torch.remainder(sigma * z + 0.5, 1.0) - 0.5  # the same point of the torus, near 0
+        target = wrapped_normal_neg_score(displacement, sigma.expand_as(z))
+        target = target / self.coord_score_norms[t].to(x0.dtype).sqrt().view(-1, 1, 1)
+        return (torch.cat([2 * frac_t - 1, xt[..., 3:]], dim=-1),
+                torch.cat([target, noise[..., 3:]], dim=-1))
+
+    def coordinate_score(self, out: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The score ∂/∂frac log p_t of the wrapped coordinates from the denoiser's output."""
+        scale = self.coord_score_norms[t].to(out.dtype).sqrt()
+        return -out[..., :3] * (scale.view(-1, 1, 1) if scale.dim() else scale)
+
+    def estimate_x0(self, xt: torch.Tensor, out: torch.Tensor, t) -> torch.Tensor:
+        """x̂0 from the denoiser's output at step t ([B] tensor or int): ε-inversion for the DDPM parts;
+        for wrapped coordinates Tweedie's estimate frac_t + σ_t²·score, wrapped back into the cell."""
+        steps = t if torch.is_tensor(t) else torch.tensor(t)
+        abar = self.alphas_cumprod[steps].to(xt.dtype)
+        abar = abar.view(-1, 1, 1) if abar.dim() else abar
+        x0 = self.x0_from_eps(xt, out, abar)
+        if self.config.coordinates != "wrapped":
+            return x0
+        sigma = self.coord_sigmas[steps].to(xt.dtype)
+        sigma = sigma.view(-1, 1, 1) if sigma.dim() else sigma
+        frac = torch.remainder((xt[..., :3] + 1) / 2 + sigma**2 * self.coordinate_score(out, steps), 1.0)
+        return torch.cat([2 * frac - 1, x0[..., 3:]], dim=-1)
 
     def _accumulate_volumes(self, batch) -> None:
         counts = torch.zeros(batch.num_crystals, MAX_Z, dtype=torch.float64, device=self.volume_rhs.device)
@@ -369,12 +463,14 @@ class DDPMObjective(Objective):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch_size: int = 256, source: str = "ddpm",
-               species=None, max_z: int | None = SAMPLE_MAX_Z, volume: str = "generated") -> list[CrystalRecord]:
+               species=None, max_z: int | None = SAMPLE_MAX_Z, volume: str = "generated",
+               corrector_lr: float | None = None) -> list[CrystalRecord]:
         """n crystals by ancestral sampling (reproducible from `seed`). `steps` < T strides the chain.
         species / max_z: which species may appear (see `allowed_species`; default: those trained on, Z ≤ 94).
         volume: "generated" keeps the denoised cell; "composition" scales it (shape and fractional
         coordinates kept) to the volume the training set's per-element volume model predicts for
-        the sampled composition (`element_volumes`)."""
+        the sampled composition (`element_volumes`). corrector_lr: wrapped coordinates only, the Langevin
+        corrector's step size (None: the config's)."""
         if volume not in ("generated", "composition"):
             raise ValueError(f"volume must be 'generated' or 'composition', got {volume!r}")
         element_volumes = self.element_volumes() if volume == "composition" else None
@@ -383,6 +479,8 @@ class DDPMObjective(Objective):
                 "volume='composition' needs the per-element volume model, which this generator lacks "
                 "(it was trained before the model existed): sample with volume='generated', or train it again"
             )
+        wrapped = self.config.coordinates == "wrapped"
+        corrector_lr = self.config.corrector_lr if corrector_lr is None else float(corrector_lr)
         was_training = self.training
         self.eval()
         generator = torch.Generator().manual_seed(seed)
@@ -397,22 +495,31 @@ class DDPMObjective(Objective):
             sizes = num_atoms[start : start + batch_size]
             mask = torch.arange(int(sizes.max())).unsqueeze(0) < sizes.unsqueeze(1)  # [B, L]
             x = torch.randn(*mask.shape, TOKEN, generator=generator).to(device)
+            if wrapped:  # the wrapped normal at σ_end ≈ 0.5 is close to uniform on the torus
+                x[..., :3] = 2 * torch.rand(*mask.shape, 3, generator=generator).to(device) - 1
             mask = mask.to(device)
             x0 = None  # the previous step's x̂0 (read by a self-conditioned denoiser)
             for t, t_prev in schedule:
+                steps_t = torch.full((x.shape[0],), t, device=device)
+                if wrapped and corrector_lr > 0:  # one Langevin step on the coordinates at σ_t
+                    out = self.denoiser(x, steps_t, mask, x0)
+                    x = self._langevin_coordinates(x, out, t, corrector_lr, generator)
                 abar = self.alphas_cumprod[t]
                 abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
-                eps = self.denoiser(x, torch.full((x.shape[0],), t, device=device), mask, x0)
-                x0 = self.x0_from_eps(x, eps, abar)
+                eps = self.denoiser(x, steps_t, mask, x0)
+                x0 = self.estimate_x0(x, eps, t)
                 x0 = x0.masked_fill(banned, -1.0)  # a disallowed species' one-hot entry is −1 in all data
                 # posterior q(x_{t_prev} | x_t, x0) for a (possibly strided) chain
                 alpha = abar / abar_prev
                 mean = (abar_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - abar_prev) * x) / (1 - abar)
                 if t_prev >= 0:
                     var = (1 - abar_prev) / (1 - abar) * (1 - alpha)
-                    x = mean + var.sqrt() * torch.randn(x.shape, generator=generator).to(device)
+                    step = mean + var.sqrt() * torch.randn(x.shape, generator=generator).to(device)
                 else:
-                    x = mean
+                    step = mean
+                if wrapped:  # the coordinates take the reverse step of the VE SDE on the torus instead
+                    step[..., :3] = self._predict_coordinates(x, eps, t, t_prev, generator)
+                x = step
             for i, (z, frac, lattice) in enumerate(self.decode_tokens(x.cpu(), mask.cpu(), allowed.cpu())):
                 if element_volumes is not None:
                     target = float(element_volumes[torch.as_tensor(z) - 1].sum())
@@ -420,6 +527,24 @@ class DDPMObjective(Objective):
                 records.append(CrystalRecord(f"{source}:{seed}-{start + i}", source, z, frac, lattice))
         self.train(was_training)
         return records
+
+    def _predict_coordinates(self, x, out, t: int, t_prev: int, generator) -> torch.Tensor:
+        """Wrapped coordinates one reverse step from σ_t to σ_{t_prev} (0 after the last step), as
+        2·frac − 1: frac + (σ_t² − σ_prev²)·score + √(σ_prev²(σ_t² − σ_prev²)/σ_t²)·z, mod 1 (DiffCSP)."""
+        sigma = self.coord_sigmas[t]
+        sigma_prev = self.coord_sigmas[t_prev] if t_prev >= 0 else torch.zeros((), device=sigma.device)
+        step = sigma**2 - sigma_prev**2
+        std = (sigma_prev**2 * step / sigma**2).sqrt()
+        frac = (x[..., :3] + 1) / 2 + step * self.coordinate_score(out, t)
+        frac = frac + std * torch.randn(frac.shape, generator=generator).to(frac.device)
+        return 2 * torch.remainder(frac, 1.0) - 1
+
+    def _langevin_coordinates(self, x, out, t: int, lr: float, generator) -> torch.Tensor:
+        """x with one Langevin step on its wrapped coordinates at σ_t: step size lr·(σ_t/σ_begin)²."""
+        step = lr * (self.coord_sigmas[t] / self.config.sigma_begin) ** 2
+        frac = (x[..., :3] + 1) / 2 + step * self.coordinate_score(out, t)
+        frac = frac + (2 * step).sqrt() * torch.randn(frac.shape, generator=generator).to(frac.device)
+        return torch.cat([2 * torch.remainder(frac, 1.0) - 1, x[..., 3:]], dim=-1)
 
     def _schedule(self, steps: int) -> list[tuple[int, int]]:
         ts = np.unique(np.linspace(0, self.config.steps - 1, steps).round().astype(int))[::-1]

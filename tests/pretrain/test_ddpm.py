@@ -291,3 +291,144 @@ def test_training_statistics_survive_a_cast_to_fp16(mp20_records):
     assert float(objective.volume_gram[0, 0]) == 70_000.0
     objective.float()
     assert objective.denoiser.embed.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- wrapped (periodic) coordinates
+WRAPPED = {**SMALL, "coordinates": "wrapped"}
+
+
+@pytest.mark.parametrize("sigma", [0.005, 0.05, 0.3, 0.5])
+def test_wrapped_normal_score_is_the_derivative_of_its_log_density(sigma):
+    from pretrain.objectives.ddpm import wrapped_normal_neg_score
+
+    def log_density(x, images=20):  # the wrapped normal summed over many more images than the score uses
+        k = torch.arange(-images, images + 1, dtype=torch.float64)
+        return torch.logsumexp(-((x.unsqueeze(-1) + k) ** 2) / (2 * sigma**2), -1)
+
+    x = (torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) - 0.5)
+    x.requires_grad_(True)
+    (gradient,) = torch.autograd.grad(log_density(x).sum(), x)
+    neg_score = wrapped_normal_neg_score(x.detach(), torch.full_like(x, sigma))
+    # (the objective only ever passes displacements wrapped to [−½, ½), where ±3 images suffice)
+    torch.testing.assert_close(neg_score, -gradient, atol=1e-8 / sigma**2, rtol=1e-7)
+
+
+def test_wrapped_score_norms_match_the_gaussian_limit_and_vanish_when_uniform():
+    from pretrain.objectives.ddpm import wrapped_score_norms, wrapped_sigmas
+
+    sigmas = wrapped_sigmas(256, 0.005, 0.5)
+    assert float(sigmas[0]) == pytest.approx(0.005) and float(sigmas[-1]) == pytest.approx(0.5)
+    norms = wrapped_score_norms(sigmas)
+    # small σ: the wrapped normal is a normal, E[score²] = 1/σ² (Monte Carlo over 20,000 draws: ±3 %)
+    assert float(norms[0] * sigmas[0] ** 2) == pytest.approx(1.0, rel=0.03)
+    # σ = 0.5: nearly uniform on the torus, the score almost vanishes (< 2 % of the Gaussian value)
+    assert float(norms[-1] * sigmas[-1] ** 2) < 0.02
+
+
+def test_wrapped_noise_moves_each_atom_by_sigma_z_on_the_torus_and_targets_its_score(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective(WRAPPED).double()
+    assert "coord_sigmas" not in objective.state_dict()  # recomputed from the config
+    batch = collate(mp20_records[:4], dtype=torch.float64)
+    x0, _ = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    t = torch.tensor([0, 0, 5, 31])
+    torch.manual_seed(1)
+    xt, target = objective._wrap_coordinates(x0, x0.clone(), torch.zeros_like(x0), t)
+    torch.manual_seed(1)
+    z = torch.randn_like(x0[..., :3])
+    sigma = objective.coord_sigmas[t].double().view(-1, 1, 1)
+    frac0, frac_t = (x0[..., :3] + 1) / 2, (xt[..., :3] + 1) / 2
+    assert float(frac_t.min()) >= 0 and float(frac_t.max()) < 1
+    moved = torch.remainder(frac_t - frac0 - sigma * z + 0.5, 1.0) - 0.5  # 0 on the torus
+    assert float(moved.abs().max()) < 1e-6
+    # at the smallest σ the normalised target is z itself (score −z/σ, root-mean-square 1/σ)
+    torch.testing.assert_close(target[:2, :, :3], z[:2], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(xt[..., 3:], x0[..., 3:])  # species and lattice keep the DDPM's noise
+    torch.testing.assert_close(target[..., 3:], torch.zeros_like(x0[..., 3:]))
+
+
+def test_wrapped_denoiser_reads_coordinates_periodically(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective({**WRAPPED, "self_condition": True}).double().eval()
+    assert objective.denoiser.embed.in_features == 2 * (109 + 3)  # sin/cos per axis, for x_t and x̂0
+    batch = collate(mp20_records[:3], dtype=torch.float64)
+    x, mask = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    t = torch.tensor([3, 10, 20])
+    out = objective.denoiser(x, t, mask, x)
+    shifted = x.clone()
+    shifted[..., :3] += 2.0  # every atom by a whole cell
+    torch.testing.assert_close(objective.denoiser(shifted, t, mask, shifted), out)
+
+
+class _Oracle(torch.nn.Module):
+    """The exact denoiser of a one-crystal data set: the DDPM's ε of its tokens, and the wrapped
+    normal's normalised −score around its fractional coordinates."""
+
+    def __init__(self, objective, x0):
+        super().__init__()
+        self.x0 = x0
+        self.abar, self.sigmas, self.norms = objective.alphas_cumprod, objective.coord_sigmas, objective.coord_score_norms
+
+    def forward(self, x, t, mask, x0_estimate=None):
+        from pretrain.objectives.ddpm import wrapped_normal_neg_score
+
+        abar = self.abar[t].view(-1, 1, 1)
+        eps = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        sigma = self.sigmas[t].view(-1, 1, 1).expand_as(x[..., :3])
+        delta = torch.remainder((x[..., :3] - self.x0[..., :3]) / 2 + 0.5, 1.0) - 0.5
+        score = wrapped_normal_neg_score(delta, sigma) / self.norms[t].sqrt().view(-1, 1, 1)
+        return torch.cat([score, eps[..., 3:]], dim=-1)
+
+
+@pytest.mark.parametrize("corrector_lr", [0.0, 1e-5])
+def test_wrapped_sampler_with_the_exact_score_returns_the_one_training_crystal(mp20_records, corrector_lr):
+    """The reverse chain (predictor, optionally with the Langevin corrector) is right when an exact
+    denoiser makes it land on the data: the crystal's species, lattice and, on the torus, coordinates."""
+    from data_pipeline.record import lattice_polar6
+
+    record = mp20_records[0]
+    objective = build_objective({**WRAPPED, "steps": 64})
+    batch = collate([record])
+    x0, _ = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    objective.atom_counts[record.num_atoms] = 1.0
+    objective.denoiser = _Oracle(objective, x0)
+    (sample,) = objective.sample(1, seed=3, steps=64, species="all", max_z=None, corrector_lr=corrector_lr)
+    np.testing.assert_array_equal(sample.atomic_numbers, record.atomic_numbers)
+    off = np.remainder(sample.frac_coords - record.frac_coords + 0.5, 1.0) - 0.5
+    assert np.abs(off).max() < 0.02  # σ_begin = 0.005: the last step leaves ~σ of noise per axis
+    np.testing.assert_allclose(lattice_polar6(sample.lattice), lattice_polar6(record.lattice), atol=0.05)
+
+
+def test_wrapped_ddpm_learns_samples_reproducibly_and_reloads(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective({**WRAPPED, "self_condition": True, "pair_frequencies": 2})
+    batch = collate(mp20_records[:8])
+    optimizer = torch.optim.Adam(objective.parameters(), lr=2e-3)
+
+    def fixed_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(sum(objective.loss(batch)[0] for _ in range(4)))
+
+    before = fixed_loss()
+    for _ in range(60):
+        loss, metrics = objective.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_loss() < 0.8 * before
+    assert set(metrics) >= {"loss/ddpm_eps_mse_coords", "loss/ddpm_eps_mse_species"}
+    a = objective.sample(4, seed=2, steps=8, corrector_lr=1e-5)
+    b = objective.sample(4, seed=2, steps=8, corrector_lr=1e-5)
+    for x1, x2 in zip(a, b):
+        np.testing.assert_allclose(x1.frac_coords, x2.frac_coords)
+        assert np.all((x1.frac_coords >= 0) & (x1.frac_coords < 1))
+    fresh = build_objective(objective.export_config())
+    fresh.load_state_dict(objective.state_dict(), strict=True)
+    for x1, x2 in zip(a, fresh.sample(4, seed=2, steps=8, corrector_lr=1e-5)):
+        np.testing.assert_allclose(x1.frac_coords, x2.frac_coords)
+
+
+def test_coordinates_option_is_checked():
+    with pytest.raises(ValueError, match="coordinates must be 'gaussian' or 'wrapped'"):
+        build_objective({**SMALL, "coordinates": "torus"})
