@@ -92,6 +92,10 @@ class DDPMConfig:
     coordinates: str = "gaussian"
     sigma_begin: float = 0.005
     sigma_end: float = 0.5
+    # how the denoiser outputs the coordinates' part: "linear" (the output layer on each atom's state), or
+    # "pair", that plus Σ_j c_k(h_i, h_j)·sin(2πk·Δfrac_ij), k = 1..4, over the crystal's other atoms (a
+    # periodic displacement read from every pair, as the coordinate messages of DiffCSP's CSPNet)
+    coordinate_head: str = "linear"
     # wrapped coordinates only: the step size of one Langevin corrector step per sampling step
     # (DiffCSP's step_lr, scaled by (σ_t/σ_begin)²); 0: the predictor alone
     corrector_lr: float = 0.0
@@ -99,6 +103,8 @@ class DDPMConfig:
     def __post_init__(self):
         if self.coordinates not in ("gaussian", "wrapped"):
             raise ValueError(f"objective 'ddpm': coordinates must be 'gaussian' or 'wrapped', got {self.coordinates!r}")
+        if self.coordinate_head not in ("linear", "pair"):
+            raise ValueError(f"objective 'ddpm': coordinate_head must be 'linear' or 'pair', got {self.coordinate_head!r}")
         if not 0 < self.sigma_begin < self.sigma_end:
             raise ValueError(f"objective 'ddpm': need 0 < sigma_begin < sigma_end, got {self.sigma_begin}, {self.sigma_end}")
         if self.part_weights is not None:
@@ -165,6 +171,30 @@ def biased_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, bias: torch
     return h + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(h))))))
 
 
+class PairCoordinateHead(nn.Module):
+    """Per-atom coordinate output from every pair: Σ_j mask_j · c(h_i, h_j)_k · sin(2πk·Δfrac_ij,a) / n,
+    k = 1..K, for each axis a. sin is odd and periodic, so the term is a displacement on the torus that
+    vanishes when atoms coincide; c is a small MLP of the two atoms' states, zero at initialisation."""
+
+    FREQUENCIES = 4
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.left, self.right = nn.Linear(width, width), nn.Linear(width, width, bias=False)
+        self.coefficients = nn.Linear(width, self.FREQUENCIES)
+        nn.init.zeros_(self.coefficients.weight)
+        nn.init.zeros_(self.coefficients.bias)
+
+    def forward(self, h: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pair = nn.functional.gelu(self.left(h).unsqueeze(2) + self.right(h).unsqueeze(1))  # [B, L, L, W]
+        c = self.coefficients(pair) * mask[:, None, :, None].to(h.dtype)  # [B, L, L, K], padded j dropped
+        k = torch.arange(1, self.FREQUENCIES + 1, device=h.device, dtype=h.dtype)
+        delta = frac.unsqueeze(2) - frac.unsqueeze(1)  # [B, L, L, 3]: frac_i − frac_j
+        waves = torch.sin(2 * math.pi * delta.unsqueeze(-1) * k)  # [B, L, L, 3, K]
+        n = mask.sum(1).clamp(min=1).to(h.dtype).view(-1, 1, 1)
+        return torch.einsum("bijk,bijak->bia", c, waves) / n  # [B, L, 3]
+
+
 class Denoiser(nn.Module):
     """Pre-norm Transformer over padded tokens; time embedding added before every layer."""
 
@@ -185,6 +215,7 @@ class Denoiser(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, TOKEN)
+        self.coordinate_head = PairCoordinateHead(cfg.width) if cfg.coordinate_head == "pair" else None
         self.pair_frequencies = cfg.pair_frequencies
         if cfg.pair_frequencies:
             features = 3 * 2 * cfg.pair_frequencies
@@ -221,13 +252,18 @@ class Denoiser(nn.Module):
         if pairs is None:
             for layer in self.layers:
                 h = layer(h + temb, src_key_padding_mask=~mask)
-            return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise (wrapped coordinates: −score)
-        # padding as an additive mask, so it combines with the float pair bias (−inf on padded keys)
-        padding = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, -math.inf)
-        for layer, pair_bias in zip(self.layers, self.pair_bias):
-            bias = pair_bias(pairs).permute(0, 3, 1, 2) + padding[:, None, None, :]  # [B, H, L, L]
-            h = biased_layer(layer, h + temb, bias)
-        return self.out(self.norm(h))  # [B, L, TOKEN] predicted noise
+        else:
+            # padding as an additive mask, so it combines with the float pair bias (−inf on padded keys)
+            padding = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, -math.inf)
+            for layer, pair_bias in zip(self.layers, self.pair_bias):
+                bias = pair_bias(pairs).permute(0, 3, 1, 2) + padding[:, None, None, :]  # [B, H, L, L]
+                h = biased_layer(layer, h + temb, bias)
+        h = self.norm(h)
+        out = self.out(h)  # [B, L, TOKEN] predicted noise (wrapped coordinates: −score)
+        if self.coordinate_head is not None:
+            coords = out[..., :3] + self.coordinate_head(h, (x[..., :3] + 1) / 2, mask)
+            out = torch.cat([coords, out[..., 3:]], dim=-1)
+        return out
 
 
 class DDPMObjective(Objective):

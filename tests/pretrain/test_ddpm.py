@@ -432,3 +432,43 @@ def test_wrapped_ddpm_learns_samples_reproducibly_and_reloads(mp20_records):
 def test_coordinates_option_is_checked():
     with pytest.raises(ValueError, match="coordinates must be 'gaussian' or 'wrapped'"):
         build_objective({**SMALL, "coordinates": "torus"})
+    with pytest.raises(ValueError, match="coordinate_head must be 'linear' or 'pair'"):
+        build_objective({**SMALL, "coordinate_head": "edges"})
+
+
+def test_pair_coordinate_head_starts_at_zero_and_is_periodic_equivariant_and_padding_proof(mp20_records):
+    from pretrain.objectives.ddpm import PairCoordinateHead
+
+    torch.manual_seed(0)
+    objective = build_objective({**WRAPPED, "coordinate_head": "pair"}).double().eval()
+    plain = build_objective(WRAPPED).double().eval()
+    plain.load_state_dict({k: v for k, v in objective.state_dict().items() if "coordinate_head" not in k})
+    batch = collate(mp20_records[:3], dtype=torch.float64)
+    x, mask = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    t = torch.tensor([3, 10, 20])
+    # zero-initialised coefficients: exactly the per-atom linear output at the start
+    torch.testing.assert_close(objective.denoiser(x, t, mask)[mask], plain.denoiser(x, t, mask)[mask])
+
+    head = PairCoordinateHead(16).double()
+    torch.nn.init.normal_(head.coefficients.weight)
+    h = torch.randn(3, x.shape[1], 16, dtype=torch.float64)
+    frac = (x[..., :3] + 1) / 2
+    out = head(h, frac, mask)
+    assert float(out[mask].abs().max()) > 0
+    # a translation of the whole crystal, and a whole-cell shift of one atom, change nothing
+    torch.testing.assert_close(head(h, frac + torch.tensor([0.3, -0.1, 0.7], dtype=torch.float64), mask), out)
+    moved = frac.clone()
+    moved[0, 1] += torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(head(h, moved, mask), out)
+    # permuting the atoms permutes the output; padded slots do not reach real atoms
+    n0 = int(batch.num_atoms[0])
+    p0 = torch.randperm(n0)
+    h2, f2 = h.clone(), frac.clone()
+    h2[0, :n0], f2[0, :n0] = h[0, p0], frac[0, p0]
+    torch.testing.assert_close(head(h2, f2, mask)[0, :n0], out[0, p0])
+    h3, f3 = h.clone(), frac.clone()
+    h3[~mask], f3[~mask] = 7.0, 0.123
+    torch.testing.assert_close(head(h3, f3, mask)[mask], out[mask])
+    # one isolated atom gets no displacement from itself (sin 0 = 0)
+    single = torch.ones(1, 1, dtype=torch.bool)
+    torch.testing.assert_close(head(h[:1, :1], frac[:1, :1], single), torch.zeros(1, 1, 3, dtype=torch.float64))
