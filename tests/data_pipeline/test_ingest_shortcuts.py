@@ -1,0 +1,74 @@
+"""The per-record shortcuts of the build task give what the plain code gave, bit for bit:
+the array-label check, safetensors encoding and the exact fingerprint."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from data_pipeline.build.readers._common import _contains_string, array_label
+from data_pipeline.build.readers.base import RecordError
+
+
+def array_label_recursive(value, name):
+    """array_label before its dtype shortcut: convert, then look for strings at every depth."""
+    from data_pipeline.build.validate import reject
+
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, bool)) or not isinstance(value, (list, tuple, np.ndarray)):
+        raise reject("bad_label_type", f"{name} is {type(value).__name__}, expected a list of numbers")
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except ValueError as error:
+        if _contains_string(value):
+            raise reject("bad_label_type", f"{name} holds strings") from None
+        raise reject("label_shape", f"{name} is ragged ({error})") from None
+    if _contains_string(value):
+        raise reject("bad_label_type", f"{name} holds strings")
+    return array
+
+
+def outcome(fn, value):
+    try:
+        result = fn(value, "forces")
+    except RecordError as error:
+        return "reject", str(error)
+    except Exception as error:  # noqa: BLE001 - the same kind of failure is part of the verdict
+        return "error", type(error).__name__
+    return "array", None if result is None else (result.dtype.str, result.shape, result.tobytes())
+
+
+TRICKY = [
+    [[0.1, -0.2, 0.3], [1e-300, 2, 3]],  # floats and ints
+    [[1, 2, 3], [4, 5, 6]],  # ints only (int64 → float64)
+    [[True, False, 1.0]],  # bools
+    [[2**62 + 1, 1.5, 0]],  # an int that float64 rounds
+    [[2**70, 0, 0]],  # beyond int64: object dtype, the slow path
+    [[np.float32(0.1), 0.2, 0.3]],  # numpy scalars
+    [],  # empty
+    [[]],
+    (((0.0, 1.0, 2.0),),),  # nested tuples
+    [["0.1", 0.2, 0.3]],  # a string among numbers
+    [[0.1, 0.2, "0.3"]],
+    [[[["1.0"]]]],  # deep
+    [["1.0", "2.0"], ["3.0", "4.0"]],  # only strings, all numeric
+    [[0.1, 0.2], [0.3]],  # ragged
+    [[0.1, 0.2], ["x"]],  # ragged with a string
+    [[b"1.0", 2.0]],  # bytes
+    [np.array(["1.0", "2.0"])],  # a numpy string array inside a list (the recursion does not look inside)
+    [np.array([1.0, 2.0]), [3.0, 4.0]],
+    [np.array([1, "a"], dtype=object)],  # an object array inside a list
+    np.array([["1.0", "2.0"]]),  # a numpy string array itself
+    np.array([[1.0, "a"]], dtype=object),  # an object array itself
+    np.array([[1.0, 2.0]], dtype=object),
+    [[1 + 2j, 0, 0]],  # complex
+    [[float("nan"), float("inf"), -0.0]],
+    [[None, 1.0]],
+    [[{"x": 1}, 1.0]],
+]
+
+
+@pytest.mark.parametrize("value", TRICKY, ids=range(len(TRICKY)))
+def test_array_label_gives_the_recursive_checks_verdict(value):
+    assert outcome(array_label, value) == outcome(array_label_recursive, value)
