@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as st_save
 
 from data_pipeline.build.readers._common import _contains_string, array_label
 from data_pipeline.build.readers.base import RecordError
+from data_pipeline.record import CrystalRecord
+from data_pipeline.shard_format import arrays_bytes, encode_record
 
 
 def array_label_recursive(value, name):
@@ -72,3 +75,25 @@ TRICKY = [
 @pytest.mark.parametrize("value", TRICKY, ids=range(len(TRICKY)))
 def test_array_label_gives_the_recursive_checks_verdict(value):
     assert outcome(array_label, value) == outcome(array_label_recursive, value)
+
+
+def record_with(n: int, seed: int, **labels) -> CrystalRecord:
+    rng = np.random.default_rng(seed)
+    return CrystalRecord(key=f"t:{seed}", source="t", atomic_numbers=rng.integers(1, 90, n),
+                         frac_coords=rng.random((n, 3)) * 2 - 0.5, lattice=rng.normal(size=(3, 3)) * 5, **labels)
+
+
+def test_arrays_bytes_equal_safetensors_save():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 7, 40):
+        arrays = {"atomic_numbers": rng.integers(1, 100, n), "frac_coords": rng.random((n, 3)),
+                  "lattice": rng.random((3, 3)), "forces": rng.normal(size=(n, 3)), "stress": rng.normal(size=(3, 3)),
+                  "magmoms": rng.normal(size=n), "pdd": rng.random((n, 5))}
+        assert arrays_bytes(arrays) == st_save(arrays)
+        subset = {k: arrays[k] for k in ("lattice", "atomic_numbers", "frac_coords")}  # order of insertion
+        assert arrays_bytes(subset) == st_save(subset)
+    record = record_with(5, 2, forces=np.ones((5, 3)), stress=np.eye(3), magmoms=np.zeros(5), energy=-1.5)
+    sample = encode_record(record)
+    assert sample["safetensors"] == st_save({"atomic_numbers": record.atomic_numbers,
+                                             "frac_coords": record.frac_coords, "lattice": record.lattice,
+                                             "forces": record.forces, "stress": record.stress, "magmoms": record.magmoms})
