@@ -2,11 +2,13 @@
 the array-label check, safetensors encoding and the exact fingerprint."""
 from __future__ import annotations
 
+import hashlib
 
 import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
+from data_pipeline.build.dedup import exact_fingerprint
 from data_pipeline.build.readers._common import _contains_string, array_label
 from data_pipeline.build.readers.base import RecordError
 from data_pipeline.record import CrystalRecord
@@ -97,3 +99,23 @@ def test_arrays_bytes_equal_safetensors_save():
     assert sample["safetensors"] == st_save({"atomic_numbers": record.atomic_numbers,
                                              "frac_coords": record.frac_coords, "lattice": record.lattice,
                                              "forces": record.forces, "stress": record.stress, "magmoms": record.magmoms})
+
+
+def exact_fingerprint_reference(record, length_decimals=4, frac_decimals=5):
+    lattice = np.round(record.lattice, length_decimals) + 0.0
+    frac = np.round(record.frac_coords, frac_decimals) % 1.0 + 0.0
+    rows = np.column_stack([record.atomic_numbers.astype(np.float64), frac])
+    rows = rows[np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))]
+    sha = hashlib.sha256(lattice.astype("<f8").tobytes())
+    sha.update(rows.astype("<f8").tobytes())
+    return sha.hexdigest()[:32]
+
+
+def test_exact_fingerprint_unchanged():
+    records = [record_with(n, seed) for seed, n in enumerate((1, 2, 3, 8, 30, 100))]
+    # ties in Z and x decided by y and z; values that round to 1.0 or -0.0
+    tie = CrystalRecord(key="t:tie", source="t", atomic_numbers=[8, 8, 8, 3],
+                        frac_coords=[[0.5, 0.2, 0.1], [0.5, 0.1, 0.9], [0.5, 0.1, 0.3], [0.9999999, 1e-9, 0.0]],
+                        lattice=[[3.0, -1e-9, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    for record in records + [tie]:
+        assert exact_fingerprint(record) == exact_fingerprint_reference(record)
