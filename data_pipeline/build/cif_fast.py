@@ -56,34 +56,31 @@ def element_tables() -> tuple[dict[str, int], dict[str, float]]:
     return z_of, x_of
 
 
-class _PymatgenSiteOrder:
-    """Orders like pymatgen's `Site.__lt__`: by electronegativity, then species string."""
-
-    __slots__ = ("x", "symbol")
-
-    def __init__(self, x: float, symbol: str):
-        self.x, self.symbol = x, symbol
-
-    def __lt__(self, other: "_PymatgenSiteOrder") -> bool:
-        if self.x < other.x:
-            return True
-        if self.x > other.x:
-            return False
-        return self.symbol < other.symbol
+@lru_cache(maxsize=1)
+def _ordered_symbols() -> frozenset[str]:
+    """Element symbols the fast path takes: those with a Pauling electronegativity."""
+    _, x_of = element_tables()
+    return frozenset(symbol for symbol, x in x_of.items() if not math.isnan(x))
 
 
 def lattice_from_parameters(a, b, c, alpha, beta, gamma) -> np.ndarray:
-    """pymatgen's `Lattice.from_parameters(..., vesta=False)`, rows are lattice vectors."""
+    """pymatgen's `Lattice.from_parameters(..., vesta=False)`, rows are lattice vectors.
+
+    The trigonometry is numpy's, called as pymatgen calls it (so the bits are the same on any
+    machine, whatever libm numpy uses); the arithmetic is on Python floats, which round exactly
+    as numpy's float64 scalars do at a tenth of their cost."""
     angles_r = np.radians([alpha, beta, gamma])
-    cos_alpha, cos_beta, cos_gamma = np.cos(angles_r)
-    sin_alpha, sin_beta, _ = np.sin(angles_r)
+    cos_alpha, cos_beta, cos_gamma = np.cos(angles_r).tolist()
+    sin_alpha, sin_beta, _ = np.sin(angles_r).tolist()
+    if sin_alpha * sin_beta == 0.0:
+        raise ValueError("alpha or beta is 0 or 180 degrees: the cell is flat")
     val = (cos_alpha * cos_beta - cos_gamma) / (sin_alpha * sin_beta)
-    val = np.clip(val, -1, 1)
-    gamma_star = np.arccos(val)
+    gamma_star = np.arccos(min(max(val, -1.0), 1.0))  # np.clip(val, -1, 1)
+    cos_gamma_star, sin_gamma_star = float(np.cos(gamma_star)), float(np.sin(gamma_star))
     return np.array(
         [
             [a * sin_beta, 0.0, a * cos_beta],
-            [-b * sin_alpha * np.cos(gamma_star), b * sin_alpha * np.sin(gamma_star), b * cos_alpha],
+            [-b * sin_alpha * cos_gamma_star, b * sin_alpha * sin_gamma_star, b * cos_alpha],
             [0.0, 0.0, float(c)],
         ],
         dtype=np.float64,
@@ -92,10 +89,57 @@ def lattice_from_parameters(a, b, c, alpha, beta, gamma) -> np.ndarray:
 
 def _snap_fractions(frac: np.ndarray) -> np.ndarray:
     """Vectorised `math.isclose(x / special, 1, abs_tol=1e-4, rel_tol=0)` → x = float(str(special))."""
+    # Most cells have no coordinate near 1/3 or 2/3 (|x - 1/2| near 1/6): one loose test, 30 times
+    # wider than the snapping bands, spares them the exact ones.
+    if not (np.abs(np.abs(frac - 0.5) - 1 / 6) < 1e-3).any():
+        return frac
     out = frac.copy()
     for special in (2 / 3, 1 / 3):  # pymatgen checks 1/3 last, so it wins (never both)
         out[np.abs(frac / special - 1) <= _FRAC_TOLERANCE] = float(str(special))
     return out
+
+
+def _cell_is_sound(lattice: np.ndarray) -> bool:
+    """|det| >= 1e-12 and no thickness (volume / face area) under pymatgen's 0.01 Å, as numpy's
+    `det` and `inv` decide it.
+
+    numpy's 3x3 linear algebra costs ~20 µs a cell in call overhead. Most cells are far from both
+    limits: closed forms on Python floats decide those with a factor 2 to spare, more than
+    numpy's rounding can bridge while the cell is well conditioned (longest vector under 1e6 times
+    the thinnest thickness keeps the relative error below ~1e-8). The rest get numpy's answer."""
+    a, b, c = lattice.tolist()
+    if all(map(math.isfinite, a + b + c)):
+        crosses = (_cross(b, c), _cross(c, a), _cross(a, b))
+        volume = abs(a[0] * crosses[0][0] + a[1] * crosses[0][1] + a[2] * crosses[0][2])
+        if math.isfinite(volume) and volume >= 2e-12:
+            thickness = [volume / math.sqrt(x * x + y * y + z * z) for x, y, z in crosses]
+            if all(t >= 2 * _MIN_THICKNESS for t in thickness):
+                thinnest = min(thickness)
+                if all(math.sqrt(x * x + y * y + z * z) < 1e6 * thinnest for x, y, z in (a, b, c)):
+                    return True
+    det = float(np.linalg.det(lattice))
+    if not math.isfinite(det) or abs(det) < 1e-12:
+        return False
+    reciprocal = np.linalg.inv(lattice).T  # [3, 3] rows are reciprocal vectors / 2π
+    return not (1.0 / np.linalg.norm(reciprocal, axis=1) < _MIN_THICKNESS).any()
+
+
+def _cross(u: list[float], v: list[float]) -> tuple[float, float, float]:
+    return (u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0])
+
+
+def _columns(table) -> list[list[str] | None]:
+    """A gemmi table's columns as raw value strings (None for an absent optional tag). A loop
+    hands over all its values as one list, where iterating a gemmi column costs ~0.5 µs a value
+    (pybind ends each iteration with an exception)."""
+    present = [i for i in range(table.width()) if table.has_column(i)]
+    loop = table.loop
+    if loop is None:  # key-value pairs: one value per tag
+        columns = {i: list(table.column(i)) for i in present}
+    else:
+        width, values, loop_tags, tags = loop.width(), loop.values, loop.tags, table.tags
+        columns = {i: values[loop_tags.index(tags[i])::width] for i in present}
+    return [columns.get(i) for i in range(table.width())]
 
 
 def parse_p1_cif(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -122,7 +166,7 @@ def _parse(text: str):
     for tag in _SYMOP_TAGS:
         values = block.find_values(tag)
         if len(values):
-            ops = [cif.as_string(v).replace(" ", "").lower() for v in values]
+            ops = [values.str(i).replace(" ", "").lower() for i in range(len(values))]  # str(i): as_string
             break
     if ops != ["x,y,z"]:
         return None
@@ -136,30 +180,23 @@ def _parse(text: str):
     if not all(math.isfinite(p) for p in params):
         return None
     lattice = lattice_from_parameters(*params)  # [3, 3]
-    det = float(np.linalg.det(lattice))
-    if not math.isfinite(det) or abs(det) < 1e-12:
-        return None
-    reciprocal = np.linalg.inv(lattice).T  # [3, 3] rows are reciprocal vectors / 2π
-    if (1.0 / np.linalg.norm(reciprocal, axis=1) < _MIN_THICKNESS).any():
+    if not _cell_is_sound(lattice):
         return None
 
     # Sites.
     table = block.find("_atom_site_", ["label", "type_symbol", "fract_x", "fract_y", "fract_z", "?occupancy"])
     if len(table) == 0:
         return None
+    _, symbol_column, x, y, z, occupancy = _columns(table)
     z_of, x_of = element_tables()
-    symbols = [cif.as_string(s) for s in table.column(1)]
-    if any(s not in z_of for s in symbols):
+    symbols = [s if s in z_of else cif.as_string(s) for s in symbol_column]  # 'Fe' or a quoted "'Fe'"
+    # Plain elements with an electronegativity only. Without one (He, Ne, Ar) pymatgen's site order
+    # depends on its internal pre-sort by Composition; not worth reproducing for these few crystals.
+    if not _ordered_symbols().issuperset(symbols):
         return None
-    if any(math.isnan(x_of[s]) for s in symbols):
-        # No electronegativity (He, Ne, Ar): pymatgen's site order then depends on its internal
-        # pre-sort by Composition; not worth reproducing for these few crystals.
+    if occupancy is not None and any(o != 1.0 for o in map(cif.as_number, occupancy)):
         return None
-    if table.has_column(5) and any(cif.as_number(o) != 1.0 for o in table.column(5)):
-        return None
-    frac = np.empty((len(symbols), 3), dtype=np.float64)  # [N, 3]
-    for axis in range(3):
-        frac[:, axis] = [cif.as_number(value) for value in table.column(2 + axis)]
+    frac = np.array(list(map(cif.as_number, x + y + z)), dtype=np.float64).reshape(3, -1).T.copy()  # [N, 3]
     if not np.isfinite(frac).all():
         return None
     frac = _snap_fractions(frac)
@@ -169,12 +206,13 @@ def _parse(text: str):
     if len(symbols) > 1:
         delta = frac[:, None, :] - frac[None, :, :]  # [N, N, 3]
         delta = np.abs(delta - np.round(delta))
-        close = (delta < 2 * _SITE_TOLERANCE).all(axis=-1)
-        np.fill_diagonal(close, False)
-        if close.any():
+        close = (delta < 2 * _SITE_TOLERANCE).all(axis=-1)  # [N, N], the diagonal always True
+        if np.count_nonzero(close) > len(symbols):
             return None
 
-    order = sorted(range(len(symbols)), key=lambda i: _PymatgenSiteOrder(x_of[symbols[i]], symbols[i]))
+    # pymatgen's `Site.__lt__` order (electronegativity, then symbol), stable like `sorted`.
+    keys = [(x_of[s], s) for s in symbols]
+    order = sorted(range(len(symbols)), key=keys.__getitem__)
     numbers = np.array([z_of[symbols[i]] for i in order], dtype=np.int64)  # [N]
     return numbers, frac[order], lattice
 

@@ -48,6 +48,12 @@ from data_pipeline.manifest import (
 from crystalfm_common.atomic import write_bytes_atomic
 from crystalfm_common.provenance import REPO_ROOT, git_commit, git_dirty, package_version
 from data_pipeline.build.shard_writer import BlobWriter, DeterministicTarWriter, sample_tar_bytes
+# What the per-record task uses, imported once here rather than per record (~1 µs an import statement).
+from data_pipeline.build.dedup import exact_fingerprint
+from data_pipeline.build.readers.base import RecordError
+from data_pipeline.build.validate import validate
+from data_pipeline.record import reduced_formula
+from data_pipeline.shard_format import encode_record
 
 WORK_DIR = "_work"
 REJECTS_NAME = "rejects.jsonl"
@@ -633,12 +639,6 @@ def process_entry(reader, entry, pdd_k: int | None = None, shape_matcher: dict |
     """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms, shape]) or a reason.
     With `pdd_k` the sample also stores the crystal's PDD rows (`record.pdd_features`); with
     `shape_matcher` the facts carry the dedup shape key (else None)."""
-    from data_pipeline.build.dedup import exact_fingerprint
-    from data_pipeline.record import reduced_formula
-    from data_pipeline.build.readers import RecordError
-    from data_pipeline.shard_format import encode_record
-    from data_pipeline.build.validate import validate
-
     try:
         record = reader.parse(entry)
         if entry.group and record.group == record.key:

@@ -131,12 +131,12 @@ def _check_labels(record: CrystalRecord) -> None:
         value = getattr(record, name)
         if value is None:
             continue
-        value = as_float(value, name)
-        if not np.isfinite(value):
+        value = as_float(value, name)  # a Python float: math.isfinite, not numpy's per-call overhead
+        if not math.isfinite(value):
             raise reject("non_finite", f"{name} is {value}")
     for name, value in record.properties.items():
         value = as_float(value, f"properties[{name!r}]")
-        if value is not None and not np.isfinite(value):
+        if value is not None and not math.isfinite(value):
             raise reject("non_finite", f"properties[{name!r}] is {value}")
     for name, shape_of in ARRAY_LABELS.items():
         value = getattr(record, name)
@@ -151,11 +151,14 @@ def _check_labels(record: CrystalRecord) -> None:
 
 
 def _check_lattice(record: CrystalRecord) -> None:
-    lengths = np.linalg.norm(record.lattice, axis=1)  # [3]
+    lattice = record.lattice
+    # np.linalg.norm(lattice, axis=1) computed as it computes it, without its argument handling
+    lengths = np.sqrt(np.add.reduce(lattice * lattice, axis=1))  # [3]
     if (lengths < MIN_VECTOR_LENGTH).any():
         raise reject("degenerate_lattice", f"lattice vector lengths {np.round(lengths, 6).tolist()} Å")
     volume = record.volume
-    if volume / float(np.prod(lengths)) < MIN_NORMALISED_VOLUME:
+    a, b, c = lengths.tolist()
+    if volume / (a * b * c) < MIN_NORMALISED_VOLUME:  # np.prod's order: (a * b) * c
         raise reject("degenerate_lattice", f"lattice vectors (nearly) coplanar, volume {volume:.3g} Å^3")
     if volume / record.num_atoms <= MIN_VOLUME_PER_ATOM:
         raise reject("volume_too_small", f"{volume / record.num_atoms:.3g} Å^3/atom <= {MIN_VOLUME_PER_ATOM}")

@@ -5,6 +5,7 @@ import csv
 import gzip
 import multiprocessing
 import random
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,68 @@ def test_fast_path_can_be_disabled(mp20_cifs, monkeypatch):
 
     monkeypatch.setattr(common, "parse_p1_cif", lambda text: pytest.fail("fast path used"))
     arrays_from_cif(mp20_cifs[1], fast=False)
+
+
+# ------------------------------------------------------- the fast path's shortcuts change no bit
+def test_other_spellings_of_the_same_sites_give_the_same_arrays(mp20_cifs):
+    """The loop's values are read as one list (`_columns`): quoted symbols, tags in another case
+    and order, uncertainties, and key-value pairs instead of a loop read as gemmi reads them."""
+    text = mp20_cifs[0]  # CeSe2: Ce0 at 0 1/2 0.731602
+    reference = parse_p1_cif(text)
+    header = " _atom_site_type_symbol\n _atom_site_label\n"
+    variants = {
+        "quoted": text.replace("  Ce  Ce0", "  'Ce'  Ce0").replace("  Se  Se2", '  "Se"  Se2'),
+        "tag case": text.replace(header, " _atom_site_Type_Symbol\n _atom_site_LABEL\n"),
+        "tag order": re.sub(r"(?m)^  ([A-Z][a-z]?)  (\w+)  1", r"  \2  \1  1",
+                            text.replace(header, " _atom_site_label\n _atom_site_type_symbol\n")),
+        "uncertainty": text.replace("0.73160200", "0.73160200(3)"),
+    }
+    for name, variant in variants.items():
+        parsed = parse_p1_cif(variant)
+        assert parsed is not None, name
+        for got, want in zip(parsed, reference):
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+    one_site = ("data_x\n_symmetry_equiv_pos_as_xyz 'x, y, z'\n" + "".join(
+        f"_cell_length_{t} 4.2\n_cell_angle_{a} 90\n" for t, a in zip("abc", ("alpha", "beta", "gamma"))))
+    as_loop = one_site + "loop_\n_atom_site_type_symbol\n_atom_site_label\n_atom_site_fract_x\n" \
+        "_atom_site_fract_y\n_atom_site_fract_z\nFe Fe1 0.1 0.6666 -0.25\n"
+    as_pairs = one_site + "_atom_site_type_symbol Fe\n_atom_site_label Fe1\n_atom_site_fract_x 0.1\n" \
+        "_atom_site_fract_y 0.6666\n_atom_site_fract_z -0.25\n"
+    for got, want in zip(parse_p1_cif(as_pairs), parse_p1_cif(as_loop)):
+        assert got.tobytes() == want.tobytes()
+    assert parse_p1_cif(text.replace("0.73160200", "?")) is None  # a missing coordinate: pymatgen decides
+
+
+def _lattice_reference(a, b, c, alpha, beta, gamma):
+    """lattice_from_parameters as it was: numpy float64 scalars all the way (pymatgen's code)."""
+    angles_r = np.radians([alpha, beta, gamma])
+    cos_alpha, cos_beta, cos_gamma = np.cos(angles_r)
+    sin_alpha, sin_beta, _ = np.sin(angles_r)
+    val = np.clip((cos_alpha * cos_beta - cos_gamma) / (sin_alpha * sin_beta), -1, 1)
+    gamma_star = np.arccos(val)
+    return np.array([[a * sin_beta, 0.0, a * cos_beta],
+                     [-b * sin_alpha * np.cos(gamma_star), b * sin_alpha * np.sin(gamma_star), b * cos_alpha],
+                     [0.0, 0.0, float(c)]])
+
+
+def _sound_reference(lattice) -> bool:
+    det = float(np.linalg.det(lattice))
+    if not np.isfinite(det) or abs(det) < 1e-12:
+        return False
+    return not (1.0 / np.linalg.norm(np.linalg.inv(lattice).T, axis=1) < 0.01).any()
+
+
+def test_lattice_and_cell_checks_match_numpy_bit_for_bit():
+    from data_pipeline.build.cif_fast import _cell_is_sound, lattice_from_parameters
+
+    rng = np.random.default_rng(0)
+    cases = [(4.2, 4.2, 8.3, 90, 90, 90), (3, 3, 3, 60, 60, 60), (5, 6, 7, 89.9, 120, 45.5), (1, 1, 1, 120, 120, 120)]
+    cases += [tuple(rng.uniform(0.5, 30, 3)) + tuple(rng.uniform(20, 160, 3)) for _ in range(2000)]
+    # near and across the limits: 0.01 Å thickness, |det| 1e-12, flat angle sums, huge lengths
+    cases += [(4, 4, c, 90, 90, 90) for c in (0.0099, 0.00999999999, 0.01, 0.0100000001, 0.02, 0.019999, 1e-13, 1e-12, 2e-12)]
+    cases += [(4, 4, 4, 90, 90, 179.99), (4, 4, 4, 120, 120, 120), (4, 4, 4, 60, 60, 119.99999), (1e7, 1, 1, 90, 90, 90),
+              (4, 4, 4, 0.001, 90, 90), (1e300, 1e300, 1e300, 90, 90, 90)]
+    for params in cases:
+        lattice = lattice_from_parameters(*params)
+        assert lattice.tobytes() == _lattice_reference(*params).tobytes(), params
+        assert _cell_is_sound(lattice) == _sound_reference(lattice), params
