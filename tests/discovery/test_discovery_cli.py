@@ -116,6 +116,36 @@ def test_generate_volume_composition_scales_cells_to_the_volume_model(workspace,
     assert code == 2 and "volume model" in capsys.readouterr().err
 
 
+def test_generate_from_a_wrapped_coordinate_release_with_and_without_the_corrector(workspace, mp20_records):
+    """A ddpm release with wrapped coordinates and the pair head samples through the CLI; the release
+    keeps its corrector step, --corrector-lr overrides it, and a different step changes the crystals."""
+    import numpy as np
+
+    from data_pipeline.load.collate import collate
+
+    config = {**DDPM, "coordinates": "wrapped", "coordinate_head": "pair", "corrector_lr": 1e-5}
+    torch.manual_seed(0)
+    ddpm = build_objective(config)
+    optimizer = torch.optim.Adam(ddpm.parameters(), lr=2e-3)
+    batch = collate(mp20_records[:16])
+    for _ in range(10):
+        loss, _ = ddpm.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_release(ddpm, config, workspace / "ddpm_wrapped")
+    base = ["generate", str(workspace / "ddpm_wrapped"), "--n", "4", "--seed", "2", "--steps", "6"]
+    assert main(base + ["--out", str(workspace / "w_default")]) == 0
+    assert main(base + ["--corrector-lr", "1e-5", "--out", str(workspace / "w_same")]) == 0
+    assert main(base + ["--corrector-lr", "0", "--out", str(workspace / "w_none")]) == 0
+    default, same, none = (read_samples(workspace / name) for name in ("w_default", "w_same", "w_none"))
+    assert len(default) == 4
+    for a, b, c in zip(default, same, none):
+        np.testing.assert_allclose(a.frac_coords, b.frac_coords, atol=1e-6)
+        assert np.all((a.frac_coords >= 0) & (a.frac_coords < 1))
+    assert any(not np.allclose(a.frac_coords, c.frac_coords, atol=1e-4) for a, c in zip(default, none))
+
+
 def test_evaluate_and_screen(workspace, shared_data, capsys):
     samples = workspace / "samples"
     if not samples.exists():
