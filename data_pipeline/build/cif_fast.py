@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from data_pipeline.build import kernels
+
 # Strings whose presence makes pymatgen do something this path does not: fall back.
 _FALLBACK_MARKERS = ("_magn", "moment", "attached_hydrogens")
 _SYMOP_TAGS = (
@@ -38,6 +40,7 @@ _SYMOP_TAGS = (
 _SITE_TOLERANCE = 1e-4  # pymatgen's site_tolerance; we fall back below twice that
 _FRAC_TOLERANCE = 1e-4  # pymatgen's frac_tolerance
 _MIN_THICKNESS = 0.01  # Å, pymatgen's min_thickness
+_ONE_THIRD, _TWO_THIRDS = float(str(1 / 3)), float(str(2 / 3))  # the values pymatgen snaps to
 
 
 @lru_cache(maxsize=1)
@@ -196,25 +199,38 @@ def _parse(text: str):
         return None
     if occupancy is not None and any(o != 1.0 for o in map(cif.as_number, occupancy)):
         return None
-    frac = np.array(list(map(cif.as_number, x + y + z)), dtype=np.float64).reshape(3, -1).T.copy()  # [N, 3]
-    if not np.isfinite(frac).all():
+    if not len(x) == len(y) == len(z) == len(symbols):
         return None
-    frac = _snap_fractions(frac)
-    frac = frac - np.floor(frac)
-
-    # pymatgen merges sites closer than its tolerance into one (possibly mixed) site: fall back.
-    if len(symbols) > 1:
-        delta = frac[:, None, :] - frac[None, :, :]  # [N, N, 3]
-        delta = np.abs(delta - np.round(delta))
-        close = (delta < 2 * _SITE_TOLERANCE).all(axis=-1)  # [N, N], the diagonal always True
-        if np.count_nonzero(close) > len(symbols):
-            return None
 
     # pymatgen's `Site.__lt__` order (electronegativity, then symbol), stable like `sorted`.
     keys = [(x_of[s], s) for s in symbols]
     order = sorted(range(len(symbols)), key=keys.__getitem__)
     numbers = np.array([z_of[symbols[i]] for i in order], dtype=np.int64)  # [N]
-    return numbers, frac[order], lattice
+    # Coordinates in that order: finite, snapped to 1/3 and 2/3, wrapped, no two sites merged (kernels.p1_sites;
+    # `_sites_numpy` is the same in numpy, the reference).
+    values = np.array([cif.as_number(column[i]) for column in (x, y, z) for i in order], dtype=np.float64)  # [3N]
+    status, frac = kernels.p1_sites(values, _FRAC_TOLERANCE, _SITE_TOLERANCE, _ONE_THIRD, _TWO_THIRDS)
+    if status != kernels.SITES_OK:
+        return None
+    return numbers, frac, lattice
+
+
+def _sites_numpy(values: np.ndarray) -> np.ndarray | None:
+    """kernels.p1_sites in numpy (values [3N]: x..., y..., z...): frac [N, 3], or None for non-finite
+    or merged sites."""
+    frac = values.reshape(3, -1).T.copy()  # [N, 3]
+    if not np.isfinite(frac).all():
+        return None
+    frac = _snap_fractions(frac)
+    frac = frac - np.floor(frac)
+    # pymatgen merges sites closer than its tolerance into one (possibly mixed) site: fall back.
+    if len(frac) > 1:
+        delta = frac[:, None, :] - frac[None, :, :]  # [N, N, 3]
+        delta = np.abs(delta - np.round(delta))
+        close = (delta < 2 * _SITE_TOLERANCE).all(axis=-1)  # [N, N], the diagonal always True
+        if np.count_nonzero(close) > len(frac):
+            return None
+    return frac
 
 
 def parse_cif_pymatgen(text: str):
