@@ -102,9 +102,9 @@ class CrystalRecord:
         self.atomic_numbers = np.asarray(self.atomic_numbers, dtype=np.int64).reshape(-1)
         self.frac_coords = np.asarray(self.frac_coords, dtype=np.float64).reshape(-1, 3)
         self.lattice = np.asarray(self.lattice, dtype=np.float64).reshape(3, 3)
-        # Wrap into [0, 1); the second mod folds -0.0 and values that round up to exactly 1.0.
+        # Wrap into [0, 1): np.mod(x, 1.0) is in [0, 1] (+0.0 for zeros, 1.0 where a tiny negative x
+        # rounds up) and the second mod sends 1.0 to 0.0, so no value is left >= 1.0.
         self.frac_coords = np.mod(np.mod(self.frac_coords, 1.0), 1.0)
-        self.frac_coords[self.frac_coords >= 1.0] = 0.0
         for name in ARRAY_LABELS:
             value = getattr(self, name)
             if value is not None:

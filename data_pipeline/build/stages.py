@@ -615,7 +615,8 @@ def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | 
             out_items.append(["record", sample["__key__"], *facts, *json_ref, *arrays_ref])
         blob.close()
     index = {"version": CHUNK_INDEX_VERSION, "digest": digest, "source": source["name"], "items": out_items}
-    write_bytes_atomic(f"{path}.json", dumps(index))
+    # compact: json's C encoder (an indent makes it encode in Python, ~5 µs a record); only json.loads reads it
+    write_bytes_atomic(f"{path}.json", json.dumps(index, separators=(",", ":"), allow_nan=False).encode())
     return index
 
 

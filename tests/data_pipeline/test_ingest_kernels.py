@@ -11,7 +11,9 @@ import pytest
 import data_pipeline.build.validate as validate_module
 from data_pipeline.build import cif_fast, kernels
 from data_pipeline.build.dedup import _exact_fingerprint_numpy, exact_fingerprint
+from data_pipeline.build.readers._common import csv_float
 from data_pipeline.build.readers.base import RecordError
+from data_pipeline.build.readers.cdvae_csv import _number_or_none, map_labels
 from data_pipeline.build.validate import validate
 from data_pipeline.record import CrystalRecord
 
@@ -228,3 +230,30 @@ def test_exact_fingerprint_equals_numpy_bit_for_bit():
         assert exact_fingerprint(record, 0, 0) == _exact_fingerprint_numpy(record, 0, 0)
     odd = records[0].replace(frac_coords=np.full_like(records[0].frac_coords, np.nan))
     assert exact_fingerprint(odd) == _exact_fingerprint_numpy(odd, 4, 5)  # NaN: the numpy path itself
+
+
+# ------------------------------------------------------------------------------- record, labels
+def test_record_wrap_needs_no_third_step():
+    """CrystalRecord wraps with two np.mod calls; the `>= 1.0 → 0.0` step that followed never fired."""
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.normal(size=5000) * 10 ** rng.uniform(-20, 3, 5000),
+                             [0.0, -0.0, 1.0, -1.0, 1e-17, -1e-17, -1e-300, -5e-324, 0.9999999999999999, 1e16, -1e16]])
+    record = CrystalRecord(key="w:w", source="w", atomic_numbers=np.ones(len(values), dtype=int),
+                           frac_coords=np.repeat(values, 3).reshape(-1, 3), lattice=np.eye(3))
+    three_steps = np.mod(np.mod(np.repeat(values, 3).reshape(-1, 3), 1.0), 1.0)
+    three_steps[three_steps >= 1.0] = 0.0
+    assert record.frac_coords.tobytes() == three_steps.tobytes()
+    assert (record.frac_coords >= 0).all() and (record.frac_coords < 1).all()
+
+
+@pytest.mark.parametrize("text", ["", " ", "nan", " NaN ", "None", "null", "NA", "n/a", "1.5", " -2e-3 ", "inf", "-Infinity",
+                                  "1_000", "0x10", "True", "['Ce', 'Se']", "CeSe2", "١٢", "1,5", None])
+def test_free_columns_read_as_csv_float_reads_them(text):
+    try:
+        want = csv_float(text, "x")
+    except RecordError:
+        want = None
+    assert repr(_number_or_none(text)) == repr(want)
+    if text is not None:
+        labels = map_labels({"spacegroup.number": text, "band_gap": "0.5"})
+        assert labels["properties"] == ({} if want is None else {"spacegroup.number": want})

@@ -28,12 +28,15 @@ def optional_float(value: Any, name: str) -> float | None:
     return as_float(value, name)
 
 
+MISSING_CELLS = ("nan", "none", "null", "na", "n/a")  # CSV cells that mean "no value"
+
+
 def csv_float(text: str | None, name: str) -> float | None:
     """A label from a CSV cell: empty / NaN-ish cells are None, non-numbers are `bad_label_type`."""
     if text is None:
         return None
     text = text.strip()
-    if text == "" or text.lower() in ("nan", "none", "null", "na", "n/a"):
+    if text == "" or text.lower() in MISSING_CELLS:
         return None
     try:
         return float(text)

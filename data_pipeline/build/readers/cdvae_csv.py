@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.build.readers import register_reader
-from data_pipeline.build.readers._common import arrays_from_cif, csv_float, make_record, open_text, source_name_from_path
-from data_pipeline.build.readers.base import RawEntry, RecordError, Reject
+from data_pipeline.build.readers._common import MISSING_CELLS, arrays_from_cif, csv_float, make_record, open_text, source_name_from_path
+from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
 from data_pipeline.build.validate import reject
 
@@ -113,11 +113,22 @@ def map_labels(cells: dict[str, str]) -> dict:
                     raise reject("bad_label_type", f"columns disagree on {LABEL_COLUMNS[column]}")
                 labels[LABEL_COLUMNS[column]] = value
             continue
-        try:
-            value = csv_float(text, column)  # empty / NaN cells are None: a missing value
-        except RecordError:
-            continue  # text columns: formula, elements list, booleans
-        if value is not None:
+        value = _number_or_none(text)  # empty / NaN cells are a missing value; text columns (formula,
+        if value is not None:           # elements list, booleans) are not properties
             properties[column] = value
     labels["properties"] = properties
     return labels
+
+
+def _number_or_none(text: str | None) -> float | None:
+    """csv_float's number, or None where it returns None or refuses the text (without building and
+    catching its reject: text columns are in every row)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "" or text.lower() in MISSING_CELLS:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
