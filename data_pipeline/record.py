@@ -55,7 +55,8 @@ def element_symbol(z: int) -> str:
         from pymatgen.core.periodic_table import Element
 
         _SYMBOLS = {el.Z: el.symbol for el in Element}
-    return _SYMBOLS.get(int(z), f"Z{int(z)}")
+    symbol = _SYMBOLS.get(int(z))
+    return symbol if symbol is not None else f"Z{int(z)}"
 
 
 def reduced_formula(atomic_numbers: np.ndarray) -> str:

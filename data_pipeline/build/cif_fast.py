@@ -148,8 +148,9 @@ def _columns(table) -> list[list[str] | None]:
 def parse_p1_cif(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(atomic_numbers [N], frac_coords [N, 3], lattice [3, 3]) as pymatgen would give, or None
     when the CIF needs pymatgen (see the module docstring). Never raises on bad input."""
-    if any(marker in text for marker in _FALLBACK_MARKERS):
-        return None
+    for marker in _FALLBACK_MARKERS:
+        if marker in text:
+            return None
     try:
         return _parse(text)
     except Exception:  # gemmi syntax errors, missing tags...: let pymatgen decide and explain

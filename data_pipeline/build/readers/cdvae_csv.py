@@ -21,6 +21,7 @@ mp_20/val.csv.gz → "mp20", perov_5/val.csv → "perov5". Options: `source`, `f
 from __future__ import annotations
 
 import csv
+import functools
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -104,20 +105,31 @@ def map_labels(cells: dict[str, str]) -> dict:
     labels: dict = {}
     properties: dict[str, float] = {}
     for column, text in cells.items():
-        if column.strip().lower() in _SKIP:
-            continue
-        if column in LABEL_COLUMNS:
+        role = _column_role(column)
+        if role is _FREE:
+            value = _number_or_none(text)  # empty / NaN cells are a missing value; text columns (formula,
+            if value is not None:           # elements list, booleans) are not properties
+                properties[column] = value
+        elif role is not _SKIPPED:  # a label column: `role` is the label's name
             value = csv_float(text, column)
             if value is not None:
-                if LABEL_COLUMNS[column] in labels and labels[LABEL_COLUMNS[column]] != value:
-                    raise reject("bad_label_type", f"columns disagree on {LABEL_COLUMNS[column]}")
-                labels[LABEL_COLUMNS[column]] = value
-            continue
-        value = _number_or_none(text)  # empty / NaN cells are a missing value; text columns (formula,
-        if value is not None:           # elements list, booleans) are not properties
-            properties[column] = value
+                if role in labels and labels[role] != value:
+                    raise reject("bad_label_type", f"columns disagree on {role}")
+                labels[role] = value
     labels["properties"] = properties
     return labels
+
+
+_SKIPPED, _FREE = object(), object()
+
+
+@functools.lru_cache(maxsize=4096)
+def _column_role(column: str):
+    """_SKIPPED (the index columns), the label name (LABEL_COLUMNS) or _FREE (a possible property):
+    decided once per header name, not once per cell."""
+    if column.strip().lower() in _SKIP:
+        return _SKIPPED
+    return LABEL_COLUMNS.get(column, _FREE)
 
 
 def _number_or_none(text: str | None) -> float | None:
