@@ -75,6 +75,35 @@ def p1_sites(values, frac_tolerance, site_tolerance, one_third, two_thirds):
 
 
 @njit(cache=True)
+def cell_clearly_sound(lattice, min_thickness):
+    """cif_fast._cell_clearly_sound: True when |a · (b × c)| >= 2e-12, every thickness (volume / face
+    area) >= 2·min_thickness and every vector shorter than 1e6 times the thinnest thickness, with
+    Python's operations in Python's order (a zero face area raises ZeroDivisionError, as there)."""
+    if not all_finite(lattice):
+        return False
+    faces = np.empty((3, 3))  # rows b × c, c × a, a × b
+    for k in range(3):
+        u, v = (k + 1) % 3, (k + 2) % 3
+        faces[k, 0] = lattice[u, 1] * lattice[v, 2] - lattice[u, 2] * lattice[v, 1]
+        faces[k, 1] = lattice[u, 2] * lattice[v, 0] - lattice[u, 0] * lattice[v, 2]
+        faces[k, 2] = lattice[u, 0] * lattice[v, 1] - lattice[u, 1] * lattice[v, 0]
+    volume = abs(lattice[0, 0] * faces[0, 0] + lattice[0, 1] * faces[0, 1] + lattice[0, 2] * faces[0, 2])
+    if not (np.isfinite(volume) and volume >= 2e-12):
+        return False
+    thickness = np.empty(3)
+    for k in range(3):  # all three before any test, as the Python list is built
+        thickness[k] = volume / math.sqrt(faces[k, 0] * faces[k, 0] + faces[k, 1] * faces[k, 1] + faces[k, 2] * faces[k, 2])
+    for k in range(3):
+        if not thickness[k] >= 2.0 * min_thickness:
+            return False
+    thinnest = min(thickness[0], thickness[1], thickness[2])
+    for r in range(3):
+        if not math.sqrt(lattice[r, 0] * lattice[r, 0] + lattice[r, 1] * lattice[r, 1] + lattice[r, 2] * lattice[r, 2]) < 1e6 * thinnest:
+            return False
+    return True
+
+
+@njit(cache=True)
 def all_finite(a):
     """np.isfinite(a).all() for a float array of any shape."""
     for x in a.flat:

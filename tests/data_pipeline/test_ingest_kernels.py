@@ -72,21 +72,18 @@ def test_sorting_the_sites_first_changes_nothing():
 
 
 def test_parse_p1_cif_equals_the_numpy_steps_on_real_cifs(shared_data, monkeypatch):
-    """Every MP-20 validation CIF: the kernel's arrays against the numpy steps' arrays."""
+    """Every MP-20 validation CIF: the kernels' arrays against those of the numpy and Python steps."""
     with gzip.open(shared_data / "mp_20" / "val.csv.gz", "rt", newline="") as handle:
         rows = list(csv.reader(handle))
     texts = [row[rows[0].index("cif")] for row in rows[1:]]
     got = [cif_fast.parse_p1_cif(text) for text in texts]
 
-    class NumpySites:
-        SITES_OK = kernels.SITES_OK
+    def numpy_sites(values, *_):
+        frac = cif_fast._sites_numpy(values)
+        return (kernels.SITES_OK, frac) if frac is not None else (kernels.SITES_MERGED, None)
 
-        @staticmethod
-        def p1_sites(values, *_):
-            frac = cif_fast._sites_numpy(values)
-            return (kernels.SITES_OK, frac) if frac is not None else (kernels.SITES_MERGED, None)
-
-    monkeypatch.setattr(cif_fast, "kernels", NumpySites)
+    monkeypatch.setattr(kernels, "p1_sites", numpy_sites)
+    monkeypatch.setattr(kernels, "cell_clearly_sound", lambda lattice, _: cif_fast._cell_clearly_sound(lattice))
     fast = 0
     for text, mine in zip(texts, got):
         want = cif_fast.parse_p1_cif(text)
@@ -95,6 +92,44 @@ def test_parse_p1_cif_equals_the_numpy_steps_on_real_cifs(shared_data, monkeypat
             fast += 1
             assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(mine, want))
     assert fast > 0.9 * len(texts)
+
+
+def test_cell_clearly_sound_equals_python():
+    """The compiled closed forms give the Python floats' verdict, ZeroDivisionError included (a face
+    of zero area with a volume that rounding left above 2e-12: c = 2a)."""
+    rng = np.random.default_rng(5)
+
+    def outcome(check, lattice):
+        try:
+            return check(lattice)
+        except ZeroDivisionError:
+            return "ZeroDivisionError"
+
+    seen = set()
+    for trial in range(6000):
+        a, b = (rng.normal(size=3) * 10 ** rng.uniform(-3, 4) for _ in range(2))
+        c = 2 * a if trial % 3 == 0 else rng.normal(size=3) * 10 ** rng.uniform(-3, 2)
+        lattice = np.array([a, b, c])
+        if trial % 50 == 0:
+            lattice[int(rng.integers(0, 3)), int(rng.integers(0, 3))] = rng.choice([np.nan, np.inf, 1e300])
+        want = outcome(cif_fast._cell_clearly_sound, lattice)
+        assert outcome(lambda x: kernels.cell_clearly_sound(x, cif_fast._MIN_THICKNESS), lattice) == want, lattice
+        seen.add(want)
+    assert seen == {True, False, "ZeroDivisionError"}
+
+
+def test_cached_angle_terms_give_the_same_lattice():
+    rng = np.random.default_rng(6)
+    cases = [(4.2, 4.2, 8.3, 90.0, 90.0, 90.0), (3.0, 3.0, 3.0, 60.0, 60.0, 60.0), (3.1, 3.1, 5.0, 90.0, 90.0, 120.0)]
+    cases += [tuple(rng.uniform(0.5, 30, 3)) + tuple(rng.uniform(20, 160, 3)) for _ in range(200)]
+    first = [cif_fast.lattice_from_parameters(*p).tobytes() for p in cases]
+    cif_fast._angle_terms.cache_clear()
+    again = [cif_fast.lattice_from_parameters(*p).tobytes() for p in reversed(cases)][::-1]
+    assert first == again
+    assert cif_fast.lattice_from_parameters(1.0, 2.0, 3.0, 90, 90, -0.0).tobytes() == \
+        cif_fast.lattice_from_parameters(1.0, 2.0, 3.0, 90, 90, 0.0).tobytes()  # ±0.0 share a cache key
+    with pytest.raises(ValueError):
+        cif_fast.lattice_from_parameters(1.0, 2.0, 3.0, 0.0, 90.0, 90.0)
 
 
 # ------------------------------------------------------------------------------------- validate
