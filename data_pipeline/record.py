@@ -10,7 +10,6 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,9 +63,9 @@ def reduced_formula(atomic_numbers: np.ndarray) -> str:
     counts = Counter(np.asarray(atomic_numbers).tolist())  # plain ints: far faster than np.unique here
     if not counts:
         return ""
-    divisor = reduce(math.gcd, counts.values())
-    parts = sorted((element_symbol(z), c // divisor) for z, c in counts.items())
-    return "".join(sym if n == 1 else f"{sym}{n}" for sym, n in parts)
+    divisor = math.gcd(*counts.values())
+    parts = sorted([(element_symbol(z), c // divisor) for z, c in counts.items()])
+    return "".join([sym if n == 1 else f"{sym}{n}" for sym, n in parts])
 
 
 @dataclass

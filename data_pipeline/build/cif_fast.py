@@ -30,6 +30,7 @@ from data_pipeline.build import kernels
 
 # Strings whose presence makes pymatgen do something this path does not: fall back.
 _FALLBACK_MARKERS = ("_magn", "moment", "attached_hydrogens")
+_CELL_TAGS = tuple(f"_cell_length_{x}" for x in "abc") + tuple(f"_cell_angle_{x}" for x in ("alpha", "beta", "gamma"))
 _SYMOP_TAGS = (
     "_symmetry_equiv_pos_as_xyz",
     "_space_group_symop_operation_xyz",
@@ -152,14 +153,12 @@ def _columns(table) -> list[list[str] | None]:
     """A gemmi table's columns as raw value strings (None for an absent optional tag). A loop
     hands over all its values as one list, where iterating a gemmi column costs ~0.5 µs a value
     (pybind ends each iteration with an exception)."""
-    present = [i for i in range(table.width()) if table.has_column(i)]
+    present = [table.has_column(i) for i in range(table.width())]
     loop = table.loop
     if loop is None:  # key-value pairs: one value per tag
-        columns = {i: list(table.column(i)) for i in present}
-    else:
-        width, values, loop_tags, tags = loop.width(), loop.values, loop.tags, table.tags
-        columns = {i: values[loop_tags.index(tags[i])::width] for i in present}
-    return [columns.get(i) for i in range(table.width())]
+        return [list(table.column(i)) if here else None for i, here in enumerate(present)]
+    width, values, loop_tags, tags = loop.width(), loop.values, loop.tags, table.tags
+    return [values[loop_tags.index(tags[i])::width] if here else None for i, here in enumerate(present)]
 
 
 def parse_p1_cif(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -193,12 +192,8 @@ def _parse(text: str):
         return None
 
     # Lattice.
-    params = []
-    for tag in ("a", "b", "c"):
-        params.append(cif.as_number(block.find_value(f"_cell_length_{tag}")))
-    for tag in ("alpha", "beta", "gamma"):
-        params.append(cif.as_number(block.find_value(f"_cell_angle_{tag}")))
-    if not all(math.isfinite(p) for p in params):
+    params = [cif.as_number(block.find_value(tag)) for tag in _CELL_TAGS]
+    if not all(map(math.isfinite, params)):
         return None
     lattice = lattice_from_parameters(*params)  # [3, 3]
     if not _cell_is_sound(lattice):
@@ -215,7 +210,7 @@ def _parse(text: str):
     # depends on its internal pre-sort by Composition; not worth reproducing for these few crystals.
     if not _ordered_symbols().issuperset(symbols):
         return None
-    if occupancy is not None and any(o != 1.0 for o in map(cif.as_number, occupancy)):
+    if occupancy is not None and any(cif.as_number(o) != 1.0 for o in set(occupancy)):  # each distinct text once
         return None
     if not len(x) == len(y) == len(z) == len(symbols):
         return None
@@ -226,7 +221,8 @@ def _parse(text: str):
     numbers = np.array([z_of[symbols[i]] for i in order], dtype=np.int64)  # [N]
     # Coordinates in that order: finite, snapped to 1/3 and 2/3, wrapped, no two sites merged (kernels.p1_sites;
     # `_sites_numpy` is the same in numpy, the reference).
-    values = np.array([cif.as_number(column[i]) for column in (x, y, z) for i in order], dtype=np.float64)  # [3N]
+    values = np.array(list(map(cif.as_number, [x[i] for i in order] + [y[i] for i in order] + [z[i] for i in order])),
+                      dtype=np.float64)  # [3N]
     status, frac = kernels.p1_sites(values, _FRAC_TOLERANCE, _SITE_TOLERANCE, _ONE_THIRD, _TWO_THIRDS)
     if status != kernels.SITES_OK:
         return None

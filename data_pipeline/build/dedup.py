@@ -60,13 +60,11 @@ TILE = 32  # representatives per side of a phase-2 tile (≤ TILE² comparisons 
 def exact_fingerprint(record: CrystalRecord, length_decimals: int = 4, frac_decimals: int = 5) -> str:
     """sha256 over the rounded lattice and the sorted, rounded (Z, frac) rows (32 hex chars)."""
     if 0 <= length_decimals <= 15 and 0 <= frac_decimals <= 15:
-        # the same two tables from one compiled call (kernels.fingerprint_tables)
-        finite, lattice, rows = kernels.fingerprint_tables(record.atomic_numbers, record.frac_coords, record.lattice,
-                                                           float(10**length_decimals), float(10**frac_decimals))
+        # the same two tables, back to back, from one compiled call (kernels.fingerprint_tables)
+        finite, tables = kernels.fingerprint_tables(record.atomic_numbers, record.frac_coords, record.lattice,
+                                                    float(10**length_decimals), float(10**frac_decimals))
         if finite:
-            sha = hashlib.sha256(lattice.astype("<f8", copy=False).tobytes())
-            sha.update(rows.astype("<f8", copy=False).tobytes())
-            return sha.hexdigest()[:32]
+            return hashlib.sha256(tables.astype("<f8", copy=False).tobytes()).hexdigest()[:32]
     return _exact_fingerprint_numpy(record, length_decimals, frac_decimals)
 
 

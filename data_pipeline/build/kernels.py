@@ -197,18 +197,18 @@ def clear_by_minimum_image(frac, lattice, cutoff):
 
 @njit(cache=True)
 def fingerprint_tables(numbers, frac, lattice, length_scale, frac_scale):
-    """exact_fingerprint's two tables: (finite, lattice rounded [3, 3], rows [N, 4]) with rows
-    (Z, x, y, z) sorted by Z, then x, y, z. Rounding is numpy's `round(decimals)`: rint(v · 10^d) /
-    10^d (scale = 10^d); coordinates then % 1.0, and + 0.0 folds -0.0. `finite` False (tables
-    unset) when a value is NaN/Inf: the numpy code orders those its own way."""
+    """exact_fingerprint's two tables back to back: (finite, [9 + 4N] = the rounded lattice, then
+    rows (Z, x, y, z) sorted by Z, then x, y, z). Rounding is numpy's `round(decimals)`:
+    rint(v · 10^d) / 10^d (scale = 10^d); coordinates then % 1.0, and + 0.0 folds -0.0. `finite`
+    False (table unset) when a value is NaN/Inf: the numpy code orders those its own way."""
     n = numbers.shape[0]
-    rounded = np.empty((3, 3))
-    rows = np.empty((n, 4))
+    table = np.empty(9 + 4 * n)
     if not (all_finite(lattice) and all_finite(frac)):
-        return False, rounded, rows
+        return False, table
     for r in range(3):
         for c in range(3):
-            rounded[r, c] = np.rint(lattice[r, c] * length_scale) / length_scale + 0.0
+            table[3 * r + c] = np.rint(lattice[r, c] * length_scale) / length_scale + 0.0
+    rows = np.empty((n, 4))
     for i in range(n):
         rows[i, 0] = numbers[i]
         for k in range(3):
@@ -240,11 +240,10 @@ def fingerprint_tables(numbers, frac, lattice, length_scale, frac_scale):
                 k += 1
         order, spare = spare, order
         width *= 2
-    out = np.empty((n, 4))
     for i in range(n):
         for k in range(4):
-            out[i, k] = rows[order[i], k]
-    return True, rounded, out
+            table[9 + 4 * i + k] = rows[order[i], k]
+    return True, table
 
 
 @njit(cache=True)

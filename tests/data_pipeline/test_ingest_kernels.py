@@ -282,7 +282,8 @@ def test_record_wrap_needs_no_third_step():
 
 
 @pytest.mark.parametrize("text", ["", " ", "nan", " NaN ", "None", "null", "NA", "n/a", "1.5", " -2e-3 ", "inf", "-Infinity",
-                                  "1_000", "0x10", "True", "['Ce', 'Se']", "CeSe2", "١٢", "1,5", None])
+                                  "1_000", "0x10", "True", "['Ce', 'Se']", "CeSe2", "١٢", "1,5", "+.5", "iNf", "Infinity", "NaNa", "Nb2O5",
+                                  "e5", "_1", "\u00a01.5", "１.５", None])
 def test_free_columns_read_as_csv_float_reads_them(text):
     try:
         want = csv_float(text, "x")
@@ -292,3 +293,25 @@ def test_free_columns_read_as_csv_float_reads_them(text):
     if text is not None:
         labels = map_labels({"spacegroup.number": text, "band_gap": "0.5"})
         assert labels["properties"] == ({} if want is None else {"spacegroup.number": want})
+
+
+def test_reduced_formula_unchanged():
+    from collections import Counter
+    from functools import reduce
+    import math
+
+    from data_pipeline.record import element_symbol, reduced_formula
+
+    def reference(numbers):
+        counts = Counter(np.asarray(numbers).tolist())
+        if not counts:
+            return ""
+        divisor = reduce(math.gcd, counts.values())
+        parts = sorted((element_symbol(z), c // divisor) for z, c in counts.items())
+        return "".join(sym if n == 1 else f"{sym}{n}" for sym, n in parts)
+
+    rng = np.random.default_rng(7)
+    cases = [np.zeros(0, dtype=np.int64), np.array([8]), np.array([26, 26, 8, 8, 8]), np.array([3, 8] * 4), np.array([150, 150])]
+    cases += [rng.integers(1, 120, int(rng.integers(1, 40))) for _ in range(500)]
+    for numbers in cases:
+        assert reduced_formula(numbers) == reference(numbers)

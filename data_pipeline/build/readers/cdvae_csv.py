@@ -121,6 +121,8 @@ def map_labels(cells: dict[str, str]) -> dict:
 
 
 _SKIPPED, _FREE = object(), object()
+# What a text float() accepts can start with (ASCII): a digit, a sign, a point, inf/infinity/nan.
+_NUMBER_STARTS = frozenset("0123456789+-.iInN")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -139,6 +141,8 @@ def _number_or_none(text: str | None) -> float | None:
         return None
     text = text.strip()
     if text == "" or text.lower() in MISSING_CELLS:
+        return None
+    if text[0].isascii() and text[0] not in _NUMBER_STARTS:  # "CeSe2", "['Ce', 'Se']", "True": float() refuses
         return None
     try:
         return float(text)
