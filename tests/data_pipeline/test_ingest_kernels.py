@@ -315,3 +315,82 @@ def test_reduced_formula_unchanged():
     cases += [rng.integers(1, 120, int(rng.integers(1, 40))) for _ in range(500)]
     for numbers in cases:
         assert reduced_formula(numbers) == reference(numbers)
+
+
+# ------------------------------------------------------------------------------- the task itself
+def parse_chunk_per_record(source, items, path, digest, pdd_k=None, shape_matcher=None):
+    """build.parse_chunk as it was: each record through parse, validate, encode and its facts, then the next."""
+    from data_pipeline.build import stages
+    from data_pipeline.build.readers import Reject
+    from data_pipeline.build.shard_writer import BlobWriter
+    from data_pipeline.record import with_pdd
+    from data_pipeline.shard_format import encode_record
+
+    reader = stages._worker_reader(source)
+    out_items = []
+    with BlobWriter(f"{path}.bin") as blob:
+        for item in items:
+            if isinstance(item, Reject):
+                out_items.append(["reject", item.key, item.source, item.location, item.reason])
+                continue
+            try:
+                record = reader.parse(item)
+                if item.group and record.group == record.key:
+                    record.group = item.group
+                validate(record)
+                if pdd_k is not None:
+                    record = with_pdd(record, pdd_k)
+                sample = encode_record(record)
+            except RecordError as exc:
+                out_items.append(["reject", item.key, item.source, item.location, str(exc)])
+                continue
+            except ValueError as exc:
+                reason = f"non_finite: {exc}" if "non-finite" in str(exc) else f"unparsable: {type(exc).__name__}: {exc}"
+                out_items.append(["reject", item.key, item.source, item.location, reason])
+                continue
+            except Exception as exc:  # noqa: BLE001
+                out_items.append(["reject", item.key, item.source, item.location, f"unparsable: {type(exc).__name__}: {exc}"])
+                continue
+            facts = stages._record_facts(record, shape_matcher)
+            json_ref, arrays_ref = blob.write(sample["json"]), blob.write(sample["safetensors"])
+            out_items.append(["record", sample["__key__"], *facts, *json_ref, *arrays_ref])
+        blob.close()
+    return {"version": stages.CHUNK_INDEX_VERSION, "digest": digest, "source": source["name"], "items": out_items}
+
+
+@pytest.mark.parametrize("options", [{}, {"shape_matcher": {}}, {"pdd_k": 4}], ids=["plain", "shapes", "pdd"])
+def test_parse_chunk_stage_by_stage_equals_record_by_record(tmp_path, options):
+    """The same chunk index and chunk bytes, with a reject at every stage: a scan reject, a parse
+    RecordError, a parse ValueError (a lattice of the wrong shape), validation (overlapping atoms,
+    a NaN energy) and good records around them."""
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from data_pipeline.build import stages
+    from data_pipeline.build.config import MatcherConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from build_fixture_readers import KIND, crafted_rows, write_jsonl  # noqa: E402
+
+    rows = crafted_rows()
+    cube = [[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]]
+    rows += [
+        {"id": "flat", "numbers": [8], "frac": [[0, 0, 0]], "lattice": [[3.0, 0, 0], [0, 3.0, 0]]},  # ValueError in parse
+        {"id": "close", "numbers": [8, 8], "frac": [[0, 0, 0], [0.01, 0, 0]], "lattice": cube},
+        {"id": "nan", "numbers": [8], "frac": [[0, 0, 0]], "lattice": cube, "energy_per_atom": float("nan")},
+        {"id": "ok", "numbers": [8, 1], "frac": [[0, 0, 0], [0.5, 0.5, 0.5]], "lattice": cube, "energy_per_atom": -1.0},
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with open(path, "a") as handle:
+        handle.write("{not json\n")  # a scan Reject
+    source = {"kind": KIND, "path": str(path), "options": {}, "name": "jsonl"}
+    items = list(stages._worker_reader(source).scan())
+    if "shape_matcher" in options:
+        options = {"shape_matcher": asdict(MatcherConfig())}
+    want = parse_chunk_per_record(source, items, str(tmp_path / "old"), "d", **options)
+    got = stages.parse_chunk(source, items, str(tmp_path / "new"), "d", **options)
+    assert got == want
+    assert (tmp_path / "new.bin").read_bytes() == (tmp_path / "old.bin").read_bytes()
+    codes = [item[4].split(":")[0] for item in got["items"] if item[0] == "reject"]
+    assert codes == ["missing_field", "unparsable", "atoms_too_close", "non_finite", "unparsable"], codes
