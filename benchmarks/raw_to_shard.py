@@ -13,7 +13,12 @@ build      the whole build in one process (`executor: inline`): scan, parse, val
 Times are CPU seconds of this process (`time.process_time`, best of --repeat), so one number is
 one core's cost and other jobs on the machine inflate it less than wall-clock time.
 
-Usage: python benchmarks/raw_to_shard.py [--n 2000] [--repeat 3]
+With --interleave R, R more rounds each time the baseline and then the task back to back and
+report the task's speed-up round by round: on a machine whose speed drifts by 1.5x within minutes
+(another job on the other core), the ratio of two measurements a second apart is steadier than
+best-of-repeat figures taken tens of seconds apart.
+
+Usage: python benchmarks/raw_to_shard.py [--n 2000] [--repeat 3] [--interleave 0]
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="MP-20 rows (from val.csv.gz)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--interleave", type=int, default=0, help="rounds of baseline-then-task ratios (0: none)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -114,6 +120,10 @@ def main() -> None:
         from data_pipeline.build import validate as validate_module
 
         searched = sum(not validate_module._clear_by_minimum_image(x) for x in records)
+        rounds = []  # (baseline seconds, task seconds), measured back to back
+        for _ in range(args.interleave):
+            rounds.append((best_seconds(lambda: [pickle.dumps(Structure.from_str(c, fmt="cif")) for c in cifs], 1),
+                           best_seconds(task, 1)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,6 +162,13 @@ def main() -> None:
         print(f"{label:<58} {cell(us['parse'] + us[key + ' before']):>14} {cell(us['parse'] + us[key + ' after']):>14}")
     print(f"{'build task: parse + validate + encode + dedup keys + write':<58} {cell(us['task before']):>14} {cell(us['task after']):>14}")
     print(f"{'whole build inline: ... + dedup + split + shards + manifest':<58} {cell(us['build before']):>14} {cell(us['build after']):>14}")
+
+    if rounds:
+        ratios = sorted(b / t for b, t in rounds)
+        print()
+        print(f"interleaved: build task vs baseline, {len(rounds)} rounds back to back (µs per structure: baseline / task)")
+        print("  " + "  ".join(f"{1e6 * b / n:.0f}/{1e6 * t / n:.0f} = {b / t:.1f}x" for b, t in rounds))
+        print(f"  median {ratios[len(ratios) // 2]:.1f}x, range {ratios[0]:.1f}-{ratios[-1]:.1f}x")
 
 
 if __name__ == "__main__":

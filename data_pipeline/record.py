@@ -10,7 +10,6 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,7 +54,8 @@ def element_symbol(z: int) -> str:
         from pymatgen.core.periodic_table import Element
 
         _SYMBOLS = {el.Z: el.symbol for el in Element}
-    return _SYMBOLS.get(int(z), f"Z{int(z)}")
+    symbol = _SYMBOLS.get(int(z))
+    return symbol if symbol is not None else f"Z{int(z)}"
 
 
 def reduced_formula(atomic_numbers: np.ndarray) -> str:
@@ -63,9 +63,9 @@ def reduced_formula(atomic_numbers: np.ndarray) -> str:
     counts = Counter(np.asarray(atomic_numbers).tolist())  # plain ints: far faster than np.unique here
     if not counts:
         return ""
-    divisor = reduce(math.gcd, counts.values())
-    parts = sorted((element_symbol(z), c // divisor) for z, c in counts.items())
-    return "".join(sym if n == 1 else f"{sym}{n}" for sym, n in parts)
+    divisor = math.gcd(*counts.values())
+    parts = sorted([(element_symbol(z), c // divisor) for z, c in counts.items()])
+    return "".join([sym if n == 1 else f"{sym}{n}" for sym, n in parts])
 
 
 @dataclass
@@ -102,9 +102,9 @@ class CrystalRecord:
         self.atomic_numbers = np.asarray(self.atomic_numbers, dtype=np.int64).reshape(-1)
         self.frac_coords = np.asarray(self.frac_coords, dtype=np.float64).reshape(-1, 3)
         self.lattice = np.asarray(self.lattice, dtype=np.float64).reshape(3, 3)
-        # Wrap into [0, 1); the second mod folds -0.0 and values that round up to exactly 1.0.
+        # Wrap into [0, 1): np.mod(x, 1.0) is in [0, 1] (+0.0 for zeros, 1.0 where a tiny negative x
+        # rounds up) and the second mod sends 1.0 to 0.0, so no value is left >= 1.0.
         self.frac_coords = np.mod(np.mod(self.frac_coords, 1.0), 1.0)
-        self.frac_coords[self.frac_coords >= 1.0] = 0.0
         for name in ARRAY_LABELS:
             value = getattr(self, name)
             if value is not None:

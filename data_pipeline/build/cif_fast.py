@@ -26,8 +26,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from data_pipeline.build import kernels
+
 # Strings whose presence makes pymatgen do something this path does not: fall back.
 _FALLBACK_MARKERS = ("_magn", "moment", "attached_hydrogens")
+_CELL_TAGS = tuple(f"_cell_length_{x}" for x in "abc") + tuple(f"_cell_angle_{x}" for x in ("alpha", "beta", "gamma"))
 _SYMOP_TAGS = (
     "_symmetry_equiv_pos_as_xyz",
     "_space_group_symop_operation_xyz",
@@ -38,6 +41,7 @@ _SYMOP_TAGS = (
 _SITE_TOLERANCE = 1e-4  # pymatgen's site_tolerance; we fall back below twice that
 _FRAC_TOLERANCE = 1e-4  # pymatgen's frac_tolerance
 _MIN_THICKNESS = 0.01  # Å, pymatgen's min_thickness
+_ONE_THIRD, _TWO_THIRDS = float(str(1 / 3)), float(str(2 / 3))  # the values pymatgen snaps to
 
 
 @lru_cache(maxsize=1)
@@ -69,14 +73,7 @@ def lattice_from_parameters(a, b, c, alpha, beta, gamma) -> np.ndarray:
     The trigonometry is numpy's, called as pymatgen calls it (so the bits are the same on any
     machine, whatever libm numpy uses); the arithmetic is on Python floats, which round exactly
     as numpy's float64 scalars do at a tenth of their cost."""
-    angles_r = np.radians([alpha, beta, gamma])
-    cos_alpha, cos_beta, cos_gamma = np.cos(angles_r).tolist()
-    sin_alpha, sin_beta, _ = np.sin(angles_r).tolist()
-    if sin_alpha * sin_beta == 0.0:
-        raise ValueError("alpha or beta is 0 or 180 degrees: the cell is flat")
-    val = (cos_alpha * cos_beta - cos_gamma) / (sin_alpha * sin_beta)
-    gamma_star = np.arccos(min(max(val, -1.0), 1.0))  # np.clip(val, -1, 1)
-    cos_gamma_star, sin_gamma_star = float(np.cos(gamma_star)), float(np.sin(gamma_star))
+    cos_alpha, cos_beta, sin_alpha, sin_beta, cos_gamma_star, sin_gamma_star = _angle_terms(alpha, beta, gamma)
     return np.array(
         [
             [a * sin_beta, 0.0, a * cos_beta],
@@ -85,6 +82,22 @@ def lattice_from_parameters(a, b, c, alpha, beta, gamma) -> np.ndarray:
         ],
         dtype=np.float64,
     )
+
+
+@lru_cache(maxsize=4096)
+def _angle_terms(alpha, beta, gamma) -> tuple[float, float, float, float, float, float]:
+    """(cos α, cos β, sin α, sin β, cos γ*, sin γ*) from numpy's trigonometry. Cached: many cells
+    share their angles (90/90/90, 60/60/60, 90/90/120: ~40% of MP-20), and each miss is ~8 µs
+    of numpy calls on scalars. A pure function of the three floats (±0.0 share a key and give
+    the same terms: cos is even, and sin α or sin β = ±0 raises)."""
+    angles_r = np.radians([alpha, beta, gamma])
+    cos_alpha, cos_beta, cos_gamma = np.cos(angles_r).tolist()
+    sin_alpha, sin_beta, _ = np.sin(angles_r).tolist()
+    if sin_alpha * sin_beta == 0.0:
+        raise ValueError("alpha or beta is 0 or 180 degrees: the cell is flat")
+    val = (cos_alpha * cos_beta - cos_gamma) / (sin_alpha * sin_beta)
+    gamma_star = np.arccos(min(max(val, -1.0), 1.0))  # np.clip(val, -1, 1)
+    return cos_alpha, cos_beta, sin_alpha, sin_beta, float(np.cos(gamma_star)), float(np.sin(gamma_star))
 
 
 def _snap_fractions(frac: np.ndarray) -> np.ndarray:
@@ -104,9 +117,21 @@ def _cell_is_sound(lattice: np.ndarray) -> bool:
     `det` and `inv` decide it.
 
     numpy's 3x3 linear algebra costs ~20 µs a cell in call overhead. Most cells are far from both
-    limits: closed forms on Python floats decide those with a factor 2 to spare, more than
+    limits: closed forms (one compiled call) decide those with a factor 2 to spare, more than
     numpy's rounding can bridge while the cell is well conditioned (longest vector under 1e6 times
     the thinnest thickness keeps the relative error below ~1e-8). The rest get numpy's answer."""
+    if kernels.cell_clearly_sound(lattice, _MIN_THICKNESS):  # the closed forms (`_cell_clearly_sound` in Python)
+        return True
+    det = float(np.linalg.det(lattice))
+    if not math.isfinite(det) or abs(det) < 1e-12:
+        return False
+    reciprocal = np.linalg.inv(lattice).T  # [3, 3] rows are reciprocal vectors / 2π
+    return not (1.0 / np.linalg.norm(reciprocal, axis=1) < _MIN_THICKNESS).any()
+
+
+def _cell_clearly_sound(lattice: np.ndarray) -> bool:
+    """kernels.cell_clearly_sound on Python floats (the reference): True when the closed forms clear
+    the cell with a factor 2 to spare."""
     a, b, c = lattice.tolist()
     if all(map(math.isfinite, a + b + c)):
         crosses = (_cross(b, c), _cross(c, a), _cross(a, b))
@@ -117,11 +142,7 @@ def _cell_is_sound(lattice: np.ndarray) -> bool:
                 thinnest = min(thickness)
                 if all(math.sqrt(x * x + y * y + z * z) < 1e6 * thinnest for x, y, z in (a, b, c)):
                     return True
-    det = float(np.linalg.det(lattice))
-    if not math.isfinite(det) or abs(det) < 1e-12:
-        return False
-    reciprocal = np.linalg.inv(lattice).T  # [3, 3] rows are reciprocal vectors / 2π
-    return not (1.0 / np.linalg.norm(reciprocal, axis=1) < _MIN_THICKNESS).any()
+    return False
 
 
 def _cross(u: list[float], v: list[float]) -> tuple[float, float, float]:
@@ -132,21 +153,20 @@ def _columns(table) -> list[list[str] | None]:
     """A gemmi table's columns as raw value strings (None for an absent optional tag). A loop
     hands over all its values as one list, where iterating a gemmi column costs ~0.5 µs a value
     (pybind ends each iteration with an exception)."""
-    present = [i for i in range(table.width()) if table.has_column(i)]
+    present = [table.has_column(i) for i in range(table.width())]
     loop = table.loop
     if loop is None:  # key-value pairs: one value per tag
-        columns = {i: list(table.column(i)) for i in present}
-    else:
-        width, values, loop_tags, tags = loop.width(), loop.values, loop.tags, table.tags
-        columns = {i: values[loop_tags.index(tags[i])::width] for i in present}
-    return [columns.get(i) for i in range(table.width())]
+        return [list(table.column(i)) if here else None for i, here in enumerate(present)]
+    width, values, loop_tags, tags = loop.width(), loop.values, loop.tags, table.tags
+    return [values[loop_tags.index(tags[i])::width] if here else None for i, here in enumerate(present)]
 
 
 def parse_p1_cif(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(atomic_numbers [N], frac_coords [N, 3], lattice [3, 3]) as pymatgen would give, or None
     when the CIF needs pymatgen (see the module docstring). Never raises on bad input."""
-    if any(marker in text for marker in _FALLBACK_MARKERS):
-        return None
+    for marker in _FALLBACK_MARKERS:
+        if marker in text:
+            return None
     try:
         return _parse(text)
     except Exception:  # gemmi syntax errors, missing tags...: let pymatgen decide and explain
@@ -172,12 +192,8 @@ def _parse(text: str):
         return None
 
     # Lattice.
-    params = []
-    for tag in ("a", "b", "c"):
-        params.append(cif.as_number(block.find_value(f"_cell_length_{tag}")))
-    for tag in ("alpha", "beta", "gamma"):
-        params.append(cif.as_number(block.find_value(f"_cell_angle_{tag}")))
-    if not all(math.isfinite(p) for p in params):
+    params = [cif.as_number(block.find_value(tag)) for tag in _CELL_TAGS]
+    if not all(map(math.isfinite, params)):
         return None
     lattice = lattice_from_parameters(*params)  # [3, 3]
     if not _cell_is_sound(lattice):
@@ -194,27 +210,41 @@ def _parse(text: str):
     # depends on its internal pre-sort by Composition; not worth reproducing for these few crystals.
     if not _ordered_symbols().issuperset(symbols):
         return None
-    if occupancy is not None and any(o != 1.0 for o in map(cif.as_number, occupancy)):
+    if occupancy is not None and any(cif.as_number(o) != 1.0 for o in set(occupancy)):  # each distinct text once
         return None
-    frac = np.array(list(map(cif.as_number, x + y + z)), dtype=np.float64).reshape(3, -1).T.copy()  # [N, 3]
-    if not np.isfinite(frac).all():
+    if not len(x) == len(y) == len(z) == len(symbols):
         return None
-    frac = _snap_fractions(frac)
-    frac = frac - np.floor(frac)
-
-    # pymatgen merges sites closer than its tolerance into one (possibly mixed) site: fall back.
-    if len(symbols) > 1:
-        delta = frac[:, None, :] - frac[None, :, :]  # [N, N, 3]
-        delta = np.abs(delta - np.round(delta))
-        close = (delta < 2 * _SITE_TOLERANCE).all(axis=-1)  # [N, N], the diagonal always True
-        if np.count_nonzero(close) > len(symbols):
-            return None
 
     # pymatgen's `Site.__lt__` order (electronegativity, then symbol), stable like `sorted`.
     keys = [(x_of[s], s) for s in symbols]
     order = sorted(range(len(symbols)), key=keys.__getitem__)
     numbers = np.array([z_of[symbols[i]] for i in order], dtype=np.int64)  # [N]
-    return numbers, frac[order], lattice
+    # Coordinates in that order: finite, snapped to 1/3 and 2/3, wrapped, no two sites merged (kernels.p1_sites;
+    # `_sites_numpy` is the same in numpy, the reference).
+    values = np.array(list(map(cif.as_number, [x[i] for i in order] + [y[i] for i in order] + [z[i] for i in order])),
+                      dtype=np.float64)  # [3N]
+    status, frac = kernels.p1_sites(values, _FRAC_TOLERANCE, _SITE_TOLERANCE, _ONE_THIRD, _TWO_THIRDS)
+    if status != kernels.SITES_OK:
+        return None
+    return numbers, frac, lattice
+
+
+def _sites_numpy(values: np.ndarray) -> np.ndarray | None:
+    """kernels.p1_sites in numpy (values [3N]: x..., y..., z...): frac [N, 3], or None for non-finite
+    or merged sites."""
+    frac = values.reshape(3, -1).T.copy()  # [N, 3]
+    if not np.isfinite(frac).all():
+        return None
+    frac = _snap_fractions(frac)
+    frac = frac - np.floor(frac)
+    # pymatgen merges sites closer than its tolerance into one (possibly mixed) site: fall back.
+    if len(frac) > 1:
+        delta = frac[:, None, :] - frac[None, :, :]  # [N, N, 3]
+        delta = np.abs(delta - np.round(delta))
+        close = (delta < 2 * _SITE_TOLERANCE).all(axis=-1)  # [N, N], the diagonal always True
+        if np.count_nonzero(close) > len(frac):
+            return None
+    return frac
 
 
 def parse_cif_pymatgen(text: str):

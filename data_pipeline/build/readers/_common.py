@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from data_pipeline.build import kernels
 from data_pipeline.build.cif_fast import element_tables, parse_cif_pymatgen, parse_p1_cif
 from data_pipeline.build.readers.base import RecordError
 from data_pipeline.record import MAX_Z, CrystalRecord
@@ -27,12 +28,15 @@ def optional_float(value: Any, name: str) -> float | None:
     return as_float(value, name)
 
 
+MISSING_CELLS = ("nan", "none", "null", "na", "n/a")  # CSV cells that mean "no value"
+
+
 def csv_float(text: str | None, name: str) -> float | None:
     """A label from a CSV cell: empty / NaN-ish cells are None, non-numbers are `bad_label_type`."""
     if text is None:
         return None
     text = text.strip()
-    if text == "" or text.lower() in ("nan", "none", "null", "na", "n/a"):
+    if text == "" or text.lower() in MISSING_CELLS:
         return None
     try:
         return float(text)
@@ -230,7 +234,7 @@ def make_record(
     numbers, frac, lattice = arrays[:3]
     lattice = np.asarray(lattice, dtype=np.float64)
     frac = np.asarray(frac, dtype=np.float64)
-    if not np.isfinite(lattice).all() or not np.isfinite(frac).all():
+    if not (kernels.all_finite(lattice) and kernels.all_finite(frac)):  # np.isfinite(...).all() in one call each
         raise reject("non_finite", "lattice or coordinates hold NaN/Inf")
     labels = {name: value for name, value in labels.items() if value is not None}
     properties = labels.pop("properties", None) or {}

@@ -21,13 +21,14 @@ mp_20/val.csv.gz → "mp20", perov_5/val.csv → "perov5". Options: `source`, `f
 from __future__ import annotations
 
 import csv
+import functools
 import sys
 from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.build.readers import register_reader
-from data_pipeline.build.readers._common import arrays_from_cif, csv_float, make_record, open_text, source_name_from_path
-from data_pipeline.build.readers.base import RawEntry, RecordError, Reject
+from data_pipeline.build.readers._common import MISSING_CELLS, arrays_from_cif, csv_float, make_record, open_text, source_name_from_path
+from data_pipeline.build.readers.base import RawEntry, Reject
 from data_pipeline.record import CrystalRecord
 from data_pipeline.build.validate import reject
 
@@ -104,20 +105,46 @@ def map_labels(cells: dict[str, str]) -> dict:
     labels: dict = {}
     properties: dict[str, float] = {}
     for column, text in cells.items():
-        if column.strip().lower() in _SKIP:
-            continue
-        if column in LABEL_COLUMNS:
+        role = _column_role(column)
+        if role is _FREE:
+            value = _number_or_none(text)  # empty / NaN cells are a missing value; text columns (formula,
+            if value is not None:           # elements list, booleans) are not properties
+                properties[column] = value
+        elif role is not _SKIPPED:  # a label column: `role` is the label's name
             value = csv_float(text, column)
             if value is not None:
-                if LABEL_COLUMNS[column] in labels and labels[LABEL_COLUMNS[column]] != value:
-                    raise reject("bad_label_type", f"columns disagree on {LABEL_COLUMNS[column]}")
-                labels[LABEL_COLUMNS[column]] = value
-            continue
-        try:
-            value = csv_float(text, column)  # empty / NaN cells are None: a missing value
-        except RecordError:
-            continue  # text columns: formula, elements list, booleans
-        if value is not None:
-            properties[column] = value
+                if role in labels and labels[role] != value:
+                    raise reject("bad_label_type", f"columns disagree on {role}")
+                labels[role] = value
     labels["properties"] = properties
     return labels
+
+
+_SKIPPED, _FREE = object(), object()
+# What a text float() accepts can start with (ASCII): a digit, a sign, a point, inf/infinity/nan.
+_NUMBER_STARTS = frozenset("0123456789+-.iInN")
+
+
+@functools.lru_cache(maxsize=4096)
+def _column_role(column: str):
+    """_SKIPPED (the index columns), the label name (LABEL_COLUMNS) or _FREE (a possible property):
+    decided once per header name, not once per cell."""
+    if column.strip().lower() in _SKIP:
+        return _SKIPPED
+    return LABEL_COLUMNS.get(column, _FREE)
+
+
+def _number_or_none(text: str | None) -> float | None:
+    """csv_float's number, or None where it returns None or refuses the text (without building and
+    catching its reject: text columns are in every row)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "" or text.lower() in MISSING_CELLS:
+        return None
+    if text[0].isascii() and text[0] not in _NUMBER_STARTS:  # "CeSe2", "['Ce', 'Se']", "True": float() refuses
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
