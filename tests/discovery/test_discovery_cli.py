@@ -22,21 +22,26 @@ DDPM = {"name": "ddpm", "layers": 2, "width": 64, "heads": 4, "dropout": 0.0, "s
 JEPA = {"name": "jepa", "encoder": {"name": "jepa_transformer", "width": 32, "num_layers": 1, "heads": 4}}
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, mp20_records, shared_data):
-    root = tmp_path_factory.mktemp("discovery")
+def trained_ddpm(config: dict, records, steps: int):
+    """A small ddpm trained `steps` Adam steps on one batch of real crystals (seed 0)."""
     from data_pipeline.load.collate import collate
 
     torch.manual_seed(0)
-    ddpm = build_objective(DDPM)
+    ddpm = build_objective(config)
     optimizer = torch.optim.Adam(ddpm.parameters(), lr=2e-3)
-    batch = collate(mp20_records[:16])
-    for _ in range(30):
+    batch = collate(records)
+    for _ in range(steps):
         loss, _ = ddpm.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    save_release(ddpm, DDPM, root / "ddpm")
+    return ddpm
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, mp20_records, shared_data):
+    root = tmp_path_factory.mktemp("discovery")
+    save_release(trained_ddpm(DDPM, mp20_records[:16], 30), DDPM, root / "ddpm")
     save_release(build_objective(JEPA), JEPA, root / "jepa")
     # A small reference CSV in the MP-20 layout (rows of the real validation file, in tmp only).
     with gzip.open(shared_data / "mp_20" / "val.csv.gz", "rt") as handle:
@@ -121,19 +126,8 @@ def test_generate_from_a_wrapped_coordinate_release_with_and_without_the_correct
     keeps its corrector step, --corrector-lr overrides it, and a different step changes the crystals."""
     import numpy as np
 
-    from data_pipeline.load.collate import collate
-
     config = {**DDPM, "coordinates": "wrapped", "coordinate_head": "pair", "corrector_lr": 1e-5}
-    torch.manual_seed(0)
-    ddpm = build_objective(config)
-    optimizer = torch.optim.Adam(ddpm.parameters(), lr=2e-3)
-    batch = collate(mp20_records[:16])
-    for _ in range(10):
-        loss, _ = ddpm.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_release(ddpm, config, workspace / "ddpm_wrapped")
+    save_release(trained_ddpm(config, mp20_records[:16], 10), config, workspace / "ddpm_wrapped")
     base = ["generate", str(workspace / "ddpm_wrapped"), "--n", "4", "--seed", "2", "--steps", "6"]
     assert main(base + ["--out", str(workspace / "w_default")]) == 0
     assert main(base + ["--corrector-lr", "1e-5", "--out", str(workspace / "w_same")]) == 0

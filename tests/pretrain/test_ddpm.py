@@ -44,24 +44,31 @@ def test_denoiser_is_permutation_equivariant(mp20_records):
     torch.testing.assert_close(out2[1:], out[1:])
 
 
-def test_ddpm_learns_and_samples_reproducibly(mp20_records):
-    torch.manual_seed(0)
-    objective = build_objective(SMALL)
-    batch = collate(mp20_records[:8])
+def _loss_before_and_after_training(objective, batch, steps=60):
+    """The loss over 4 fixed draws (same timesteps and noise every time: a fair comparison) before and
+    after `steps` Adam steps on the batch, and the last step's metrics."""
     optimizer = torch.optim.Adam(objective.parameters(), lr=2e-3)
 
-    def fixed_loss():  # same timesteps and noise every time: a fair before/after comparison
+    def fixed_loss():
         torch.manual_seed(123)
         with torch.no_grad():
             return float(sum(objective.loss(batch)[0] for _ in range(4)))
 
     before = fixed_loss()
-    for _ in range(60):
-        loss, _ = objective.loss(batch)
+    for _ in range(steps):
+        loss, metrics = objective.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert fixed_loss() < 0.8 * before  # measured: about 0.69 after 60 steps
+    return before, fixed_loss(), metrics
+
+
+def test_ddpm_learns_and_samples_reproducibly(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective(SMALL)
+    batch = collate(mp20_records[:8])
+    before, after, _ = _loss_before_and_after_training(objective, batch)
+    assert after < 0.8 * before  # measured: about 0.69 after 60 steps
     # every batch seen in training mode (60 steps + 2 × 4 fixed evaluations) fed the atom-count histogram
     assert int(objective.atom_counts.sum()) == (60 + 8) * 8
     samples = objective.sample(5, seed=7, steps=8)
@@ -403,20 +410,8 @@ def test_wrapped_ddpm_learns_samples_reproducibly_and_reloads(mp20_records):
     torch.manual_seed(0)
     objective = build_objective({**WRAPPED, "self_condition": True, "pair_frequencies": 2})
     batch = collate(mp20_records[:8])
-    optimizer = torch.optim.Adam(objective.parameters(), lr=2e-3)
-
-    def fixed_loss():
-        torch.manual_seed(123)
-        with torch.no_grad():
-            return float(sum(objective.loss(batch)[0] for _ in range(4)))
-
-    before = fixed_loss()
-    for _ in range(60):
-        loss, metrics = objective.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert fixed_loss() < 0.8 * before
+    before, after, metrics = _loss_before_and_after_training(objective, batch)
+    assert after < 0.8 * before
     assert set(metrics) >= {"loss/ddpm_eps_mse_coords", "loss/ddpm_eps_mse_species"}
     a = objective.sample(4, seed=2, steps=8, corrector_lr=1e-5)
     b = objective.sample(4, seed=2, steps=8, corrector_lr=1e-5)
