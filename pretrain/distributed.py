@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -172,11 +173,33 @@ def init_distributed(backend: str = "auto") -> DistInfo:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if on_cpu and dist.get_world_size() > 1:
+            dist.barrier()  # every rank has mapped every other rank's shm all-reduce buffer by now
+            unlink_shm_allreduce_buffer(dist.get_rank())
     device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(device_index))
     info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
     if source != "local":
         print(placement(info, source), file=sys.stderr, flush=True)
     return info
+
+
+def shm_allreduce_buffer(rank: int, environ=os.environ) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) creates for this rank
+    when all ranks share a node: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>."""
+    addr, port = environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_shm_allreduce_buffer(rank: int) -> bool:
+    """Remove this rank's shm all-reduce buffer once every rank has mapped it. DeepSpeed never
+    unlinks it, so each multi-rank CPU run left 2 × 69 MB of RAM in /dev/shm until reboot (120 files,
+    8.3 GB, on a test machine); the mappings stay valid after the unlink, and the memory is freed when
+    the last rank exits, crash or not. Returns whether a file was removed."""
+    try:
+        shm_allreduce_buffer(rank).unlink()
+        return True
+    except FileNotFoundError:  # not all ranks on one node (DeepSpeed skips shm), or no shm op built
+        return False
 
 
 # ---------------------------------------------------------------------- rank helpers
