@@ -105,6 +105,8 @@ class DDPMConfig:
             raise ValueError(f"objective 'ddpm': coordinates must be 'gaussian' or 'wrapped', got {self.coordinates!r}")
         if self.coordinate_head not in ("linear", "pair"):
             raise ValueError(f"objective 'ddpm': coordinate_head must be 'linear' or 'pair', got {self.coordinate_head!r}")
+        if self.corrector_lr < 0:
+            raise ValueError(f"objective 'ddpm': corrector_lr must be ≥ 0, got {self.corrector_lr}")
         if not 0 < self.sigma_begin < self.sigma_end:
             raise ValueError(f"objective 'ddpm': need 0 < sigma_begin < sigma_end, got {self.sigma_begin}, {self.sigma_end}")
         if self.part_weights is not None:
@@ -517,6 +519,11 @@ class DDPMObjective(Objective):
             )
         wrapped = self.config.coordinates == "wrapped"
         corrector_lr = self.config.corrector_lr if corrector_lr is None else float(corrector_lr)
+        if corrector_lr < 0 or (corrector_lr > 0 and not wrapped):
+            raise ValueError(
+                f"corrector_lr={corrector_lr}: the Langevin corrector needs a step ≥ 0 and a generator trained with "
+                f"coordinates: wrapped (this one uses {self.config.coordinates!r}); leave it unset or 0"
+            )
         was_training = self.training
         self.eval()
         generator = torch.Generator().manual_seed(seed)

@@ -429,6 +429,12 @@ def test_coordinates_option_is_checked():
         build_objective({**SMALL, "coordinates": "torus"})
     with pytest.raises(ValueError, match="coordinate_head must be 'linear' or 'pair'"):
         build_objective({**SMALL, "coordinate_head": "edges"})
+    with pytest.raises(ValueError, match="corrector_lr must be"):
+        build_objective({**WRAPPED, "corrector_lr": -1e-5})
+    gaussian = build_objective(SMALL)
+    gaussian.atom_counts[2] = 1.0
+    with pytest.raises(ValueError, match="needs a step ≥ 0 and a generator trained with coordinates: wrapped"):
+        gaussian.sample(1, steps=2, corrector_lr=1e-5)
 
 
 def test_pair_coordinate_head_starts_at_zero_and_is_periodic_equivariant_and_padding_proof(mp20_records):
