@@ -27,6 +27,10 @@ denoiser reads sin/cos(2π·frac_t) and predicts the wrapped normal's −score d
 square at σ_t, and sampling starts from uniform coordinates and takes the reverse VE-SDE step on the
 torus (plus an optional Langevin corrector step). The species and lattice keep the DDPM, on the same t.
 
+`denoiser: cspnet` replaces the Transformer's layers with DiffCSP's CSPNet message passing over every
+ordered pair of a crystal's atoms (edge features: the crystal's lattice numbers and sin/cos(2πk·Δfrac)).
+Its atoms read no absolute position, so the denoiser is invariant to translating the crystal.
+
 Species are restricted at sampling time to an allowed set (default: the elements the training
 crystals contain, from a second histogram stored in the weights, and Z ≤ 94, CHGNet's table). The
 restriction is a projection onto the data's support, applied at every step of the chain: the
@@ -99,8 +103,19 @@ class DDPMConfig:
     # wrapped coordinates only: the step size of one Langevin corrector step per sampling step
     # (DiffCSP's step_lr, scaled by (σ_t/σ_begin)²); 0: the predictor alone
     corrector_lr: float = 0.0
+    # the denoiser's layers: "transformer" (the paper's: attention over the crystal's atoms, geometry only
+    # through the optional pair bias), or "cspnet", DiffCSP's CSPNet message passing (Jiao et al., 2023):
+    # every ordered pair of the cell's atoms sends m_ij = MLP(h_i, h_j, lattice, sin/cos(2πk·Δfrac_ij)),
+    # k = 1..pair_frequencies, and each atom adds MLP(h_i, mean_j m_ij), so the atoms' states carry
+    # where their neighbours are (heads and dropout are unused there)
+    denoiser: str = "transformer"
 
     def __post_init__(self):
+        if self.denoiser not in ("transformer", "cspnet"):
+            raise ValueError(f"objective 'ddpm': denoiser must be 'transformer' or 'cspnet', got {self.denoiser!r}")
+        if self.denoiser == "cspnet" and self.pair_frequencies < 1:
+            raise ValueError("objective 'ddpm': denoiser 'cspnet' reads the pairs' Fourier features: "
+                             f"set pair_frequencies ≥ 1 (DiffCSP uses 10), got {self.pair_frequencies}")
         if self.coordinates not in ("gaussian", "wrapped"):
             raise ValueError(f"objective 'ddpm': coordinates must be 'gaussian' or 'wrapped', got {self.coordinates!r}")
         if self.coordinate_head not in ("linear", "pair"):
@@ -197,8 +212,34 @@ class PairCoordinateHead(nn.Module):
         return torch.einsum("bijk,bijak->bia", c, waves) / n  # [B, L, 3]
 
 
+class CSPLayer(nn.Module):
+    """One CSPNet message-passing layer (DiffCSP) over all ordered pairs of a crystal's atoms:
+    m_ij = φ_e(LN(h)_i, LN(h)_j, e_ij), h_i ← h_i + φ_n(LN(h)_i, mean_{j≠i} m_ij), φ two SiLU layers.
+    e_ij are the pair's features (the crystal's lattice and the Fourier features of Δfrac_ij). The
+    first linear map of φ_e is split into its three blocks, so h is projected once per atom, not per pair;
+    the pairs are a list (receiver, sender) over the flattened atoms, so padding costs nothing."""
+
+    def __init__(self, width: int, edge_features: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.sender, self.receiver = nn.Linear(width, width), nn.Linear(width, width, bias=False)
+        self.edge_in = nn.Linear(edge_features, width, bias=False)
+        self.edge_out = nn.Linear(width, width)
+        self.node = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+
+    def forward(self, h: torch.Tensor, edges: torch.Tensor, receiver: torch.Tensor, sender: torch.Tensor,
+                inverse_degree: torch.Tensor) -> torch.Tensor:
+        """h [N, W] (flattened atoms, padding included); edges [E, F]; receiver, sender [E] indices into N;
+        inverse_degree [N, 1]: 1 / the number of pairs each atom receives (0 for none)."""
+        x = self.norm(h)
+        pre = self.receiver(x)[receiver] + self.sender(x)[sender] + self.edge_in(edges)  # [E, W]
+        messages = nn.functional.silu(self.edge_out(nn.functional.silu(pre)))
+        mean = torch.zeros_like(x).index_add_(0, receiver, messages) * inverse_degree  # [N, W]
+        return h + self.node(torch.cat([x, mean], dim=-1))
+
+
 class Denoiser(nn.Module):
-    """Pre-norm Transformer over padded tokens; time embedding added before every layer."""
+    """Pre-norm Transformer (or CSPNet) over padded tokens; time embedding added before every layer."""
 
     def __init__(self, cfg: DDPMConfig):
         super().__init__()
@@ -206,20 +247,26 @@ class Denoiser(nn.Module):
         self.self_condition = cfg.self_condition
         # wrapped coordinates are read as sin/cos(2π·frac): the input is then periodic, 3 more features
         self.periodic_input = cfg.coordinates == "wrapped"
-        features = TOKEN + 3 if self.periodic_input else TOKEN
+        # CSPNet's atoms read no absolute position (DiffCSP): coordinates enter only as the pairs' Δfrac,
+        # so the denoiser is invariant to translating the crystal, as the data's distribution is
+        self.graph = cfg.denoiser == "cspnet"
+        features = TOKEN - 3 if self.graph else TOKEN + 3 if self.periodic_input else TOKEN
         self.embed = nn.Linear(2 * features if cfg.self_condition else features, cfg.width)
         self.time = nn.Linear(cfg.width, cfg.width)  # sinusoid(t) → width
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        if self.graph:  # edge features: the crystal's 6 lattice numbers and 6K Fourier features of Δfrac
+            self.layers = nn.ModuleList(CSPLayer(cfg.width, 6 + 6 * cfg.pair_frequencies) for _ in range(cfg.layers))
+        else:
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+                )
+                for _ in range(cfg.layers)
             )
-            for _ in range(cfg.layers)
-        )
         self.norm = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, TOKEN)
         self.coordinate_head = PairCoordinateHead(cfg.width) if cfg.coordinate_head == "pair" else None
         self.pair_frequencies = cfg.pair_frequencies
-        if cfg.pair_frequencies:
+        if cfg.pair_frequencies and not self.graph:
             features = 3 * 2 * cfg.pair_frequencies
             self.pair_bias = nn.ModuleList(nn.Linear(features, cfg.heads) for _ in range(cfg.layers))
             for linear in self.pair_bias:  # start as the geometry-blind denoiser
@@ -227,7 +274,10 @@ class Denoiser(nn.Module):
                 nn.init.zeros_(linear.bias)
 
     def input_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The token as the first layer reads it: unchanged, or with frac as sin/cos(2π·frac)."""
+        """The token as the first layer reads it: unchanged, with frac as sin/cos(2π·frac), or (CSPNet)
+        without the coordinates."""
+        if self.graph:
+            return x[..., 3:]
         if not self.periodic_input:
             return x
         angles = math.pi * (x[..., :3] + 1)  # 2π·frac
@@ -241,17 +291,41 @@ class Denoiser(nn.Module):
         angles = 2 * math.pi * delta.unsqueeze(-1) * k  # [B, L, L, 3, K]
         return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
+    def _message_passing(self, h, temb, x, mask):
+        """The CSPNet layers over every ordered pair (i ≠ j) of each crystal's real atoms. [B, L, W]"""
+        batch, length, width = h.shape
+        crystal, i, j = (mask.unsqueeze(2) & mask.unsqueeze(1)
+                         & ~torch.eye(length, dtype=torch.bool, device=h.device)).nonzero(as_tuple=True)
+        receiver, sender = crystal * length + i, crystal * length + j  # [E] into the flattened atoms
+        real = mask.to(h.dtype)
+        # each pair sees its crystal's lattice (the noisy tokens' mean over its atoms) and Fourier Δfrac
+        lattice = (x[..., 3 + MAX_Z :] * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+        frac = ((x[..., :3] + 1) / 2).reshape(batch * length, 3)
+        k = torch.arange(1, self.pair_frequencies + 1, device=x.device, dtype=x.dtype)
+        angles = 2 * math.pi * (frac[receiver] - frac[sender]).unsqueeze(-1) * k  # [E, 3, K]
+        edges = torch.cat([lattice[crystal], angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
+        degree = torch.zeros(batch * length, 1, dtype=h.dtype, device=h.device)
+        degree.index_add_(0, receiver, torch.ones(receiver.shape[0], 1, dtype=h.dtype, device=h.device))
+        inverse_degree = torch.where(degree > 0, 1 / degree.clamp(min=1), torch.zeros_like(degree))
+        h = h.reshape(batch * length, width)
+        temb = temb.expand(batch, length, width).reshape(batch * length, width)
+        for layer in self.layers:
+            h = layer(h + temb, edges, receiver, sender, inverse_degree)
+        return h.view(batch, length, width)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
                 x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         """x0_estimate: [B, L, TOKEN] the previous x̂0 (self-conditioning only; None: zeros)."""
         temb = self.time(sinusoid(t, self.width).to(x.dtype)).unsqueeze(1)  # [B, 1, W]
-        pairs = self.pair_features(x) if self.pair_frequencies else None
+        pairs = self.pair_features(x) if self.pair_frequencies and not self.graph else None
         features = self.input_features(x)
         if self.self_condition:
             estimate = torch.zeros_like(features) if x0_estimate is None else self.input_features(x0_estimate)
             features = torch.cat([features, estimate], dim=-1)
         h = self.embed(features)  # [B, L, W]
-        if pairs is None:
+        if self.graph:
+            h = self._message_passing(h, temb, x, mask)
+        elif pairs is None:
             for layer in self.layers:
                 h = layer(h + temb, src_key_padding_mask=~mask)
         else:
