@@ -56,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--jepa", help="Crys-JEPA release directory (ranker jepa)")
     sc.add_argument("--reference", required=True, nargs="+", help="training crystals (shards or CSVs; several are joined)")
     sc.add_argument("--reference-splits", default="train")
-    sc.add_argument("--ranker", choices=("jepa", "chgnet", "fingerprint"), default="jepa")
+    sc.add_argument("--ranker", choices=("jepa", "jepa_probe", "composition_probe", "chgnet", "fingerprint"), default="jepa",
+                    help="jepa: D_C (Eq. 11); jepa_probe / composition_probe: a ridge probe's formation energy from the "
+                         "JEPA embedding / the element fractions, minus the lowest reference energy of the chemistry")
     sc.add_argument("--keep", type=float, default=0.1, help="fraction of scored candidates to keep")
     sc.add_argument("--elemental-refs", default=None, help="for --ranker chgnet")
     sc.add_argument("--evaluation", default=None, help="evaluate's vsun_table.csv: report the Spearman ρ of score vs E_hull")
     sc.add_argument("--evaluate", action="store_true",
                     help="the samples carry e_above_hull labels: Spearman ρ(score, E_hull) of every ranker with bootstrap CIs")
-    sc.add_argument("--rankers", default="jepa,fingerprint,chgnet,random", help="for --evaluate (jepa needs --jepa)")
+    sc.add_argument("--rankers", default="jepa,jepa_probe,composition_probe,fingerprint,chgnet,random",
+                    help="for --evaluate (jepa and jepa_probe need --jepa)")
     sc.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for --evaluate")
     sc.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the random ranker")
     sc.add_argument("--subsample", type=int, default=None, help="--evaluate on N labelled crystals drawn at random (seeded)")
@@ -195,22 +198,28 @@ def _load_reference(args) -> list:
 
 def _screen(args) -> int:
     from discovery.references import load_crystals, load_elemental
-    from discovery.screen import (ReferenceEmbeddings, chgnet_scores, embed_records, fingerprint_embeddings,
-                                  jepa_scores, rank_candidates)
+    from discovery.screen import (ReferenceEmbeddings, chgnet_scores, composition_features, embed_records,
+                                  fingerprint_embeddings, jepa_scores, probe_scores, rank_candidates)
     from discovery.vsun import write_table
 
     if args.evaluate:
         return _screen_evaluate(args)
     candidates = load_crystals(args.samples)
     reference = _load_reference(args)
-    if args.ranker == "jepa":
+    if args.ranker in ("jepa", "jepa_probe"):
         if not args.jepa:
-            raise ValueError("--ranker jepa needs --jepa DIR (a Crys-JEPA release)")
+            raise ValueError(f"--ranker {args.ranker} needs --jepa DIR (a Crys-JEPA release)")
         from pretrain.release import load_pretrained
 
         jepa = load_pretrained(args.jepa)
-        index = ReferenceEmbeddings(reference, embed_records(jepa, reference))
-        scores, refs = jepa_scores(candidates, embed_records(jepa, candidates), index)
+        reference_embeddings, candidate_embeddings = embed_records(jepa, reference), embed_records(jepa, candidates)
+        if args.ranker == "jepa":
+            index = ReferenceEmbeddings(reference, reference_embeddings)
+            scores, refs = jepa_scores(candidates, candidate_embeddings, index)
+        else:
+            scores, refs = probe_scores(candidates, candidate_embeddings, reference, reference_embeddings)
+    elif args.ranker == "composition_probe":
+        scores, refs = probe_scores(candidates, composition_features(candidates), reference, composition_features(reference))
     elif args.ranker == "fingerprint":
         index = ReferenceEmbeddings(reference, fingerprint_embeddings(reference))
         scores, refs = jepa_scores(candidates, fingerprint_embeddings(candidates), index)
@@ -236,16 +245,20 @@ def _screen_evaluate(args) -> int:
     """Every ranker on the same labelled crystals: ρ(score, E_hull) with paired bootstrap CIs."""
     from discovery.ranker_eval import evaluate_rankers, markdown_table, random_scores
     from discovery.references import load_crystals, load_elemental
-    from discovery.screen import ReferenceEmbeddings, chgnet_scores, embed_records, fingerprint_embeddings, jepa_scores
+    from discovery.screen import (ReferenceEmbeddings, chgnet_scores, composition_features, embed_records,
+                                  fingerprint_embeddings, jepa_scores, probe_scores)
     from discovery.tracking import log_evaluation
     from discovery.vsun import write_table
 
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
-    unknown = set(rankers) - {"jepa", "fingerprint", "chgnet", "random"}
+    known = ("jepa", "jepa_probe", "composition_probe", "fingerprint", "chgnet", "random")
+    unknown = set(rankers) - set(known)
     if unknown:
-        raise ValueError(f"--rankers: unknown {sorted(unknown)} (choose from jepa, fingerprint, chgnet, random)")
-    if "jepa" in rankers and not args.jepa:
-        raise ValueError("--rankers jepa needs --jepa DIR (a Crys-JEPA release); or leave jepa out of --rankers")
+        raise ValueError(f"--rankers: unknown {sorted(unknown)} (choose from {', '.join(known)})")
+    needs_jepa = sorted({"jepa", "jepa_probe"} & set(rankers))
+    if needs_jepa and not args.jepa:
+        raise ValueError(f"--rankers {','.join(needs_jepa)} needs --jepa DIR (a Crys-JEPA release); or leave "
+                         f"{' and '.join(needs_jepa)} out of --rankers")
     crystals = [r for r in load_crystals(args.samples) if r.e_above_hull is not None and math.isfinite(r.e_above_hull)]
     crystals = subsample(crystals, args.subsample, args.seed)
     if len(crystals) < 3:
@@ -253,18 +266,21 @@ def _screen_evaluate(args) -> int:
     keys = {r.key for r in crystals}
     reference = [r for r in _load_reference(args) if r.key not in keys]  # never score a crystal against itself
     labels = [r.e_above_hull for r in crystals]
-    scores, references = {}, None
+    scores, references, jepa_embeddings = {}, None, None
     for name in rankers:
-        if name in ("jepa", "fingerprint"):
-            if name == "jepa":
-                from pretrain.release import load_pretrained
+        if name in ("jepa", "jepa_probe") and jepa_embeddings is None:  # embedded once for both rankers
+            from pretrain.release import load_pretrained
 
-                jepa = load_pretrained(args.jepa)
-                embed = lambda records: embed_records(jepa, records)  # noqa: E731
-            else:
-                embed = fingerprint_embeddings
-            index = ReferenceEmbeddings(reference, embed(reference))
-            scores[name], references = jepa_scores(crystals, embed(crystals), index)
+            jepa = load_pretrained(args.jepa)
+            jepa_embeddings = embed_records(jepa, reference), embed_records(jepa, crystals)
+        if name in ("jepa", "fingerprint"):
+            embedded = jepa_embeddings if name == "jepa" else (fingerprint_embeddings(reference), fingerprint_embeddings(crystals))
+            index = ReferenceEmbeddings(reference, embedded[0])
+            scores[name], references = jepa_scores(crystals, embedded[1], index)
+        elif name == "jepa_probe":
+            scores[name], _ = probe_scores(crystals, jepa_embeddings[1], reference, jepa_embeddings[0])
+        elif name == "composition_probe":
+            scores[name], _ = probe_scores(crystals, composition_features(crystals), reference, composition_features(reference))
         elif name == "chgnet":
             scores[name] = chgnet_scores(crystals, reference, load_elemental(args.elemental_refs))
         else:

@@ -148,3 +148,83 @@ def chgnet_scores(candidates: Sequence[CrystalRecord], reference: Sequence[Cryst
 
 
 ScoreFn = Callable[[Sequence[CrystalRecord]], np.ndarray]
+
+
+# ---------------------------------------------------------------------------- signed (one-sided) rankers
+class ReferenceMinimumEnergy:
+    """The lowest DFT formation energy (eV/atom) among the reference crystals whose elements are a
+    subset of a chemical system, R(c) of Eq. 11; cached by system."""
+
+    def __init__(self, records: Sequence[CrystalRecord]):
+        self._exact: dict[frozenset[int], tuple[float, int]] = {}  # system → (min E_f, count)
+        for record in records:
+            energy = record.formation_energy_per_atom
+            if energy is None or not math.isfinite(energy):
+                continue
+            system = chemical_system(record)
+            lowest, count = self._exact.get(system, (math.inf, 0))
+            self._exact[system] = (min(energy, lowest), count + 1)
+        if not self._exact:
+            raise ValueError("the reference crystals carry no formation_energy_per_atom label: a signed ranker needs "
+                             "reference energies (MP-20's CSVs and shards built from them have them)")
+        self._cache: dict[frozenset[int], tuple[float, int]] = {}
+
+    def minimum(self, system: frozenset[int]) -> tuple[float, int]:
+        """(min E_f over R(system), |R|); NaN and 0 when no reference shares the chemistry."""
+        if system not in self._cache:
+            elements = sorted(system)
+            if len(elements) <= 8:
+                subsets = (frozenset(c) for k in range(1, len(elements) + 1) for c in combinations(elements, k))
+                values = [self._exact[s] for s in subsets if s in self._exact]
+            else:
+                values = [e for s, e in self._exact.items() if s <= system]
+            self._cache[system] = (min(v[0] for v in values), sum(v[1] for v in values)) if values else (math.nan, 0)
+        return self._cache[system]
+
+
+def composition_features(records: Sequence[CrystalRecord]) -> np.ndarray:
+    """[n, 100] element fractions: the composition-only features of the baseline energy probe."""
+    from data_pipeline.record import MAX_Z
+
+    out = np.zeros((len(records), MAX_Z))
+    for i, record in enumerate(records):
+        np.add.at(out[i], np.asarray(record.atomic_numbers) - 1, 1.0 / len(record.atomic_numbers))
+    return out
+
+
+class EnergyProbe:
+    """A ridge regression from features (a JEPA embedding, or element fractions) to the DFT formation
+    energy per atom, fit on the reference crystals; the ridge strength is chosen by 5-fold CV."""
+
+    def __init__(self, features: np.ndarray, energies: Sequence[float]):
+        from sklearn.linear_model import RidgeCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        energies = np.asarray(energies, dtype=np.float64)
+        known = np.isfinite(energies)
+        if known.sum() < 10:
+            raise ValueError(f"an energy probe needs ≥ 10 reference crystals with a formation energy, got {int(known.sum())}")
+        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15), cv=5))
+        self.model.fit(np.asarray(features, dtype=np.float64)[known], energies[known])
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.model.predict(np.asarray(features, dtype=np.float64))
+
+
+def probe_scores(candidates: Sequence[CrystalRecord], candidate_features: np.ndarray, reference: Sequence[CrystalRecord],
+                 reference_features: np.ndarray) -> tuple[list[float], list[int]]:
+    """The signed stability score Ê_f(c) − min_{r ∈ R(c)} E_f(r) (eV/atom; lower is more stable): the probe's
+    formation energy of the candidate above the lowest known one of its chemistry. Unlike D_C it is one-sided,
+    so a crystal below its references ranks first instead of as far off as one above them (docs/discovery_mp20.md,
+    session 8: D_C with exact energies ranks MP-20's test half at ρ ≈ 0). NaN (unscored) without a reference."""
+    energies = [r.formation_energy_per_atom if r.formation_energy_per_atom is not None else math.nan for r in reference]
+    probe = EnergyProbe(reference_features, energies)
+    floor = ReferenceMinimumEnergy(reference)
+    predicted = probe.predict(candidate_features)
+    scores, counts = [], []
+    for record, energy in zip(candidates, predicted):
+        lowest, count = floor.minimum(chemical_system(record))
+        scores.append(float(energy - lowest))
+        counts.append(count)
+    return scores, counts

@@ -75,7 +75,8 @@ def test_mismatched_lengths_are_an_error():
 @pytest.mark.slow
 def test_screen_evaluate_on_real_crystals(shared_data, tiny_jepa, tmp_path, capsys):
     """30 crystals of MP-20's test half (with their DFT e_above_hull) ranked against the training
-    file by the tiny JEPA's D_C, the AMD fingerprint, CHGNet and random; one table, one MLflow run."""
+    file by the tiny JEPA's D_C and energy probe, the composition probe, the AMD fingerprint, CHGNet and
+    random; one table, one MLflow run."""
     import mlflow
 
     from discovery.cli import main
@@ -97,7 +98,7 @@ def test_screen_evaluate_on_real_crystals(shared_data, tiny_jepa, tmp_path, caps
     printed = capsys.readouterr().out
     with open(out / "ranker_eval.csv") as handle:
         table = {r["ranker"]: r for r in csv.DictReader(handle)}
-    assert set(table) == {"jepa", "fingerprint", "chgnet", "random"}
+    assert set(table) == {"jepa", "jepa_probe", "composition_probe", "fingerprint", "chgnet", "random"}
     n = int(table["jepa"]["n"])
     assert 3 <= n <= 30 and all(int(r["n"]) == n for r in table.values())
     assert int(table["chgnet"]["scored"]) == 30  # CHGNet needs no reference crystal of the same chemistry
