@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--corrector-lr", type=float, default=None,
                      help="ddpm with wrapped coordinates: step size of the Langevin corrector on the coordinates "
                           "(DiffCSP's step_lr; default: the one the release was trained with, 0 = predictor only)")
+    gen.add_argument("--species-temperature", type=float, default=1.0,
+                     help="ddpm: scales the species part's sampling noise (1: ancestral sampling; lower: fewer elements per "
+                          "crystal, and at 0 mostly elemental crystals; docs/discovery_mp20.md, session 9)")
     gen.add_argument("--out", default="samples", help="writes <out>/cif/*.cif and <out>/samples.csv")
 
     ev = sub.add_parser("evaluate", help="V.S.U.N. and CDVAE's generation metrics of one or more sample sets (each set is one sampling run)")
@@ -106,7 +109,7 @@ def _generate(args) -> int:
         species = [s.strip() for s in args.species.split(",") if s.strip()]
     records = sample_generator(objective, args.n, seed=args.seed, steps=args.steps, atom_counts=counts,
                                species=species, max_z=args.max_z or None, volume=args.volume,
-                               corrector_lr=args.corrector_lr)
+                               corrector_lr=args.corrector_lr, species_temperature=args.species_temperature)
     out = write_samples(records, args.out)
     print(f"wrote {len(records)} crystals to {out}/cif and {out}/samples.csv")
     return 0

@@ -59,18 +59,21 @@ def species_of(spec: str | Path) -> list[int]:
 def sample_generator(objective, n: int, seed: int = 0, steps: int | None = None,
                      atom_counts: dict[int, int] | None = None, source: str | None = None,
                      species=None, max_z: int | None = 94, volume: str = "generated",
-                     corrector_lr: float | None = None) -> list[CrystalRecord]:
+                     corrector_lr: float | None = None, species_temperature: float = 1.0) -> list[CrystalRecord]:
     """n crystals from a released generator objective (ddpm or latent_flow). species / max_z
     restrict the ddpm's species (`DDPMObjective.allowed_species`: default those it was trained on, Z ≤ 94);
     volume: the ddpm's cell volume, "generated" or "composition" (`DDPMObjective.sample`); corrector_lr: the
-    ddpm's Langevin corrector on wrapped coordinates (None: the release's own)."""
+    ddpm's Langevin corrector on wrapped coordinates (None: the release's own); species_temperature: the ddpm's
+    sampling temperature of the species part (1: plain ancestral sampling)."""
     from pretrain.objectives.ddpm import DDPMObjective
     from pretrain.objectives.latent_flow import LatentFlowObjective
 
     if isinstance(objective, DDPMObjective):
         return objective.sample(n, seed=seed, steps=steps, source=source or "ddpm", species=species, max_z=max_z,
-                                volume=volume, corrector_lr=corrector_lr)
+                                volume=volume, corrector_lr=corrector_lr, species_temperature=species_temperature)
     if isinstance(objective, LatentFlowObjective):
+        if species_temperature != 1.0:
+            raise ValueError("species_temperature is a ddpm option; the latent generator decodes its species by argmax")
         if corrector_lr is not None:
             raise ValueError("corrector_lr is a ddpm option (wrapped coordinates); the latent generator has no corrector")
         if volume != "generated":

@@ -39,13 +39,14 @@ def main() -> None:
     parser.add_argument("--species", default="trained")
     parser.add_argument("--volume", default="generated", choices=("generated", "composition"))
     parser.add_argument("--corrector-lr", type=float, default=None, help="wrapped coordinates: Langevin corrector step")
+    parser.add_argument("--species-temperature", type=float, default=1.0, help="scales the species part's sampling noise")
     args = parser.parse_args()
     from discovery.validity import compositional_validity, structural_validity
 
     objective, step = load(Path(args.model))
     start = time.perf_counter()
     samples = objective.sample(args.n, seed=args.seed, steps=args.steps, species=args.species, volume=args.volume,
-                               corrector_lr=args.corrector_lr)
+                               corrector_lr=args.corrector_lr, species_temperature=args.species_temperature)
     sample_s = time.perf_counter() - start
     struct = [structural_validity(s)[0] for s in samples]
     comp = [compositional_validity(s)[0] for s in samples]
@@ -53,9 +54,11 @@ def main() -> None:
     vpa = [s.volume / s.num_atoms for s in samples]
     print(json.dumps({"model": args.model, "step": step, "n": args.n, "sample_steps": args.steps or objective.config.steps,
                       "volume": args.volume, "seed": args.seed, "corrector_lr": args.corrector_lr,
+                      "species_temperature": args.species_temperature,
                       "struct_valid": float(np.mean(struct)), "comp_valid": float(np.mean(comp)),
                       "valid": float(np.mean(np.array(struct) & np.array(comp))),
                       "elements_median": float(np.median(elements)), "elements_max": int(max(elements)),
+                      "elements_histogram": np.bincount(elements).tolist(),  # index: distinct elements per crystal
                       # species collapse shows here first (docs/discovery_mp20.md, session 6)
                       "distinct_elements": len({int(z) for s in samples for z in s.atomic_numbers}),
                       "volume_per_atom_median": float(np.median(vpa)), "sample_s": round(sample_s, 1),

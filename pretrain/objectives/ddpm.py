@@ -576,13 +576,17 @@ class DDPMObjective(Objective):
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch_size: int = 256, source: str = "ddpm",
                species=None, max_z: int | None = SAMPLE_MAX_Z, volume: str = "generated",
-               corrector_lr: float | None = None) -> list[CrystalRecord]:
+               corrector_lr: float | None = None, species_temperature: float = 1.0) -> list[CrystalRecord]:
         """n crystals by ancestral sampling (reproducible from `seed`). `steps` < T strides the chain.
         species / max_z: which species may appear (see `allowed_species`; default: those trained on, Z ≤ 94).
         volume: "generated" keeps the denoised cell; "composition" scales it (shape and fractional
         coordinates kept) to the volume the training set's per-element volume model predicts for
         the sampled composition (`element_volumes`). corrector_lr: wrapped coordinates only, the Langevin
-        corrector's step size (None: the config's)."""
+        corrector's step size (None: the config's). species_temperature: scales the species part's posterior
+        noise at each step (1: ancestral sampling; 0: the species follow the deterministic mean, as DDIM's η = 0),
+        a sampling temperature for the composition only; coordinates and lattice are sampled unchanged."""
+        if species_temperature < 0:
+            raise ValueError(f"species_temperature must be ≥ 0, got {species_temperature}")
         if volume not in ("generated", "composition"):
             raise ValueError(f"volume must be 'generated' or 'composition', got {volume!r}")
         element_volumes = self.element_volumes() if volume == "composition" else None
@@ -605,6 +609,8 @@ class DDPMObjective(Objective):
         allowed = self.allowed_species(species, max_z).to(device)  # [MAX_Z]
         banned = torch.cat([torch.zeros(3, dtype=torch.bool, device=device), ~allowed,
                             torch.zeros(6, dtype=torch.bool, device=device)])  # [TOKEN]
+        noise_scale = torch.ones(TOKEN, device=device)  # per token dimension: the species part at its temperature
+        noise_scale[TOKEN_PARTS["species"]] = float(species_temperature)
         num_atoms = self.draw_num_atoms(n, generator).clamp(min=1)
         records: list[CrystalRecord] = []
         schedule = self._schedule(steps or self.config.steps)
@@ -631,7 +637,7 @@ class DDPMObjective(Objective):
                 mean = (abar_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - abar_prev) * x) / (1 - abar)
                 if t_prev >= 0:
                     var = (1 - abar_prev) / (1 - abar) * (1 - alpha)
-                    step = mean + var.sqrt() * torch.randn(x.shape, generator=generator).to(device)
+                    step = mean + var.sqrt() * noise_scale * torch.randn(x.shape, generator=generator).to(device)
                 else:
                     step = mean
                 if wrapped:  # the coordinates take the reverse step of the VE SDE on the torus instead

@@ -138,6 +138,14 @@ def test_generate_from_a_wrapped_coordinate_release_with_and_without_the_correct
         np.testing.assert_allclose(a.frac_coords, b.frac_coords, atol=1e-6)
         assert np.all((a.frac_coords >= 0) & (a.frac_coords < 1))
     assert any(not np.allclose(a.frac_coords, c.frac_coords, atol=1e-4) for a, c in zip(default, none))
+    # --species-temperature reaches the sampler: 1 is the default chain, 0 another one, a negative one an error
+    assert main(base + ["--species-temperature", "1", "--out", str(workspace / "w_t1")]) == 0
+    assert main(base + ["--species-temperature", "0", "--out", str(workspace / "w_t0")]) == 0
+    t1, t0 = read_samples(workspace / "w_t1"), read_samples(workspace / "w_t0")
+    for a, b in zip(default, t1):
+        np.testing.assert_allclose(a.frac_coords, b.frac_coords, atol=1e-6)
+    assert any(not np.allclose(a.frac_coords, b.frac_coords, atol=1e-4) for a, b in zip(default, t0))
+    assert main(base + ["--species-temperature", "-1", "--out", str(workspace / "w_bad")]) == 2
 
 
 def test_evaluate_and_screen(workspace, shared_data, capsys):

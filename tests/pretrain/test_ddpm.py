@@ -539,3 +539,15 @@ def test_denoiser_option_is_checked():
         build_objective({**SMALL, "denoiser": "gnn"})
     with pytest.raises(ValueError, match="set pair_frequencies ≥ 1"):
         build_objective({**CSPNET, "pair_frequencies": 0})
+
+
+def test_species_temperature_one_is_ancestral_sampling_and_zero_removes_the_species_noise(mp20_records):
+    objective, _ = _trained_briefly(mp20_records[:8], steps=10)
+    plain = objective.sample(4, seed=5, steps=6)
+    for a, b in zip(plain, objective.sample(4, seed=5, steps=6, species_temperature=1.0)):
+        np.testing.assert_array_equal(a.atomic_numbers, b.atomic_numbers)
+        np.testing.assert_allclose(a.frac_coords, b.frac_coords)
+    cold = objective.sample(4, seed=5, steps=6, species_temperature=0.0)
+    assert any(not np.allclose(a.frac_coords, b.frac_coords) for a, b in zip(plain, cold))
+    with pytest.raises(ValueError, match="species_temperature must be ≥ 0"):
+        objective.sample(1, steps=2, species_temperature=-0.5)
