@@ -9,6 +9,7 @@ A checkpoint step folder is consolidated in memory (no release is written). Prin
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--corrector-lr", type=float, default=None, help="wrapped coordinates: Langevin corrector step")
     parser.add_argument("--species-temperature", type=float, default=1.0, help="scales the species part's sampling noise")
     args = parser.parse_args()
+    from data_pipeline.record import element_symbol
     from discovery.validity import compositional_validity, structural_validity
 
     objective, step = load(Path(args.model))
@@ -59,6 +61,9 @@ def main() -> None:
                       "valid": float(np.mean(np.array(struct) & np.array(comp))),
                       "elements_median": float(np.median(elements)), "elements_max": int(max(elements)),
                       "elements_histogram": np.bincount(elements).tolist(),  # index: distinct elements per crystal
+                      # how many samples contain each element (validity_table.py's TV distance to the training set)
+                      "element_occurrences": dict(collections.Counter(element_symbol(int(z)) for s in samples
+                                                                      for z in set(s.atomic_numbers.tolist()))),
                       # species collapse shows here first (docs/discovery_mp20.md, session 6)
                       "distinct_elements": len({int(z) for s in samples for z in s.atomic_numbers}),
                       "volume_per_atom_median": float(np.median(vpa)), "sample_s": round(sample_s, 1),
