@@ -30,6 +30,16 @@ def chemical_system(record: CrystalRecord) -> frozenset[int]:
     return frozenset(int(z) for z in np.unique(record.atomic_numbers))
 
 
+def subsystem_values(by_system: dict, system: frozenset[int]) -> list:
+    """The values of `by_system` (keyed by exact chemical system) of every system ⊆ `system`: the subsets are
+    enumerated when the system is small (typical), else the keys are scanned."""
+    elements = sorted(system)
+    if len(elements) <= 8:
+        subsets = (frozenset(c) for k in range(1, len(elements) + 1) for c in combinations(elements, k))
+        return [by_system[s] for s in subsets if s in by_system]
+    return [v for s, v in by_system.items() if s <= system]
+
+
 class ReferenceEmbeddings:
     """Reference crystals' embeddings grouped by exact chemical system, with per-system sums."""
 
@@ -49,14 +59,7 @@ class ReferenceEmbeddings:
         """(|R|, Σ e_r, Σ ‖e_r‖²) over reference crystals whose elements ⊆ system; cached."""
         if system not in self._cache:
             count, total, squares = 0, np.zeros(self.dim), 0.0
-            elements = sorted(system)
-            # Enumerate subsets when the system is small (typical), else scan the exact systems.
-            if len(elements) <= 8:
-                subsets = (frozenset(c) for k in range(1, len(elements) + 1) for c in combinations(elements, k))
-                members = [self._exact[s] for s in subsets if s in self._exact]
-            else:
-                members = [v for s, v in self._exact.items() if s <= system]
-            for n, s_e, s_sq in members:
+            for n, s_e, s_sq in subsystem_values(self._exact, system):
                 count, total, squares = count + n, total + s_e, squares + s_sq
             self._cache[system] = (count, total, squares)
         return self._cache[system]
@@ -172,12 +175,7 @@ class ReferenceMinimumEnergy:
     def minimum(self, system: frozenset[int]) -> tuple[float, int]:
         """(min E_f over R(system), |R|); NaN and 0 when no reference shares the chemistry."""
         if system not in self._cache:
-            elements = sorted(system)
-            if len(elements) <= 8:
-                subsets = (frozenset(c) for k in range(1, len(elements) + 1) for c in combinations(elements, k))
-                values = [self._exact[s] for s in subsets if s in self._exact]
-            else:
-                values = [e for s, e in self._exact.items() if s <= system]
+            values = subsystem_values(self._exact, system)
             self._cache[system] = (min(v[0] for v in values), sum(v[1] for v in values)) if values else (math.nan, 0)
         return self._cache[system]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU discovery run on MP-20 of docs/discovery_mp20.md (#12): a DDPM generator trained ~40 min
-# on one core, 3 sampling runs of 200 crystals, CDVAE's generation metrics, V.S.U.N. with CHGNet
+# The CPU discovery run on MP-20 of docs/discovery_mp20.md (#12): a DDPM generator trained
+# on one core (65 min since session 9), 3 sampling runs of 200 crystals, CDVAE's generation metrics, V.S.U.N. with CHGNet
 # relaxations, and one refinement round. Run from the repository root with the venv active.
 # Every heavy process is single-threaded and pinned to one core (CORE, default 1): the machine has
 # 2 cores and the other one is someone else's.
@@ -18,7 +18,8 @@ mkdir -p $R
 $PIN crystalfm finetune export-split mp20_formation_energy_per_atom --split test --out-dir $R/holdout_test
 $PIN crystalfm data build configs/data_mp20_generator.yaml --inline --no-progress
 
-# 2. the DDPM generator: 6 layers × 128, T = 256, 5,500 steps of 1,024 atoms (107 epochs, 35 min)
+# 2. the DDPM generator: 6 layers × 128, T = 256, 5,500 steps of 1,024 atoms (107 epochs; the CSPNet
+#    denoiser of session 9, 65 min)
 $PIN crystalfm pretrain train configs/pretrain_ddpm_cpu.yaml
 crystalfm pretrain release $R/ddpm/checkpoints --out $R/releases/ddpm --no-register
 #    quick validity checks of the checkpoints (100 samples each, struct + comp only)

@@ -44,6 +44,13 @@ def test_denoiser_is_permutation_equivariant(mp20_records):
     torch.testing.assert_close(out2[1:], out[1:])
 
 
+def _assert_permuting_crystal_0_permutes_its_output(objective, x, t, mask, out, n0):
+    p0 = torch.randperm(n0)
+    x2 = x.clone()
+    x2[0, :n0] = x[0, p0]
+    torch.testing.assert_close(objective.denoiser(x2, t, mask)[0, :n0], out[0, p0])
+
+
 def _loss_before_and_after_training(objective, batch, steps=60):
     """The loss over 4 fixed draws (same timesteps and noise every time: a fair comparison) before and
     after `steps` Adam steps on the batch, and the last step's metrics."""
@@ -251,11 +258,7 @@ def test_pair_bias_denoiser_is_equivariant_sees_geometry_and_starts_geometry_bli
         torch.nn.init.normal_(linear.weight, std=1.0)
     out = objective.denoiser(x, t, mask)
     assert not torch.allclose(out[mask], blind.denoiser(x, t, mask)[mask])
-    n0 = int(batch.num_atoms[0])
-    p0 = torch.randperm(n0)
-    x2 = x.clone()
-    x2[0, :n0] = x[0, p0]
-    torch.testing.assert_close(objective.denoiser(x2, t, mask)[0, :n0], out[0, p0])
+    _assert_permuting_crystal_0_permutes_its_output(objective, x, t, mask, out, int(batch.num_atoms[0]))
     # the features are periodic: shifting one atom by a whole cell changes nothing
     x3 = x.clone()
     x3[0, 0, 0] += 2.0  # token 2·frac − 1: +2 is frac + 1
@@ -507,11 +510,7 @@ def test_cspnet_denoiser_is_translation_invariant_periodic_equivariant_and_paddi
     nudged[0, 0, :3] += 0.2
     assert float((objective.denoiser(nudged, t, mask)[0, 1] - out[0, 1]).abs().max()) > 1e-4
     # permuting the atoms permutes the output; padded slots (garbage included) do not reach real atoms
-    n0 = int(batch.num_atoms[0])
-    p0 = torch.randperm(n0)
-    x2 = x.clone()
-    x2[0, :n0] = x[0, p0]
-    torch.testing.assert_close(objective.denoiser(x2, t, mask)[0, :n0], out[0, p0])
+    _assert_permuting_crystal_0_permutes_its_output(objective, x, t, mask, out, int(batch.num_atoms[0]))
     x3 = x.clone()
     x3[~mask] = 5.0
     torch.testing.assert_close(objective.denoiser(x3, t, mask)[mask], out[mask])
