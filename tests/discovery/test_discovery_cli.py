@@ -181,11 +181,12 @@ def test_evaluate_and_screen(workspace, shared_data, capsys):
     assert main(["evaluate", str(samples), "--reference", str(workspace / "reference.csv"),
                  "--no-vsun", "--no-generation-metrics"]) == 2
 
-    for ranker in ("jepa", "fingerprint"):
+    for ranker in ("jepa", "jepa_probe", "composition_probe", "fingerprint"):
         out = workspace / f"screen_{ranker}"
         args = ["screen", str(samples), "--reference", str(workspace / "reference.csv"), "--ranker", ranker,
                 "--keep", "0.5", "--evaluation", str(ev / "vsun_table.csv"), "--out", str(out)]
-        if ranker == "jepa":
+        if ranker in ("jepa", "jepa_probe"):
+            assert main(args) == 2 and "needs --jepa DIR" in capsys.readouterr().err
             args += ["--jepa", str(workspace / "jepa")]
         assert main(args) == 0
         with open(out / "screen.csv") as handle:

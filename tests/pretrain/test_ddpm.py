@@ -548,5 +548,18 @@ def test_species_temperature_one_is_ancestral_sampling_and_zero_removes_the_spec
         np.testing.assert_allclose(a.frac_coords, b.frac_coords)
     cold = objective.sample(4, seed=5, steps=6, species_temperature=0.0)
     assert any(not np.allclose(a.frac_coords, b.frac_coords) for a, b in zip(plain, cold))
+
+    class Blind(torch.nn.Module):  # predicts no noise whatever it reads: each token part then evolves on its own
+        def forward(self, x, t, mask, x0_estimate=None):
+            return torch.zeros_like(x)
+
+    objective.denoiser = Blind()
+    plain = objective.sample(4, seed=5, steps=6, species="all", max_z=None)
+    cold = objective.sample(4, seed=5, steps=6, species="all", max_z=None, species_temperature=0.0)
+    # the temperature scales the species' noise only: coordinates and lattice are drawn exactly as before
+    for a, b in zip(plain, cold):
+        np.testing.assert_allclose(a.frac_coords, b.frac_coords)
+        np.testing.assert_allclose(a.lattice, b.lattice)
+    assert any(not np.array_equal(a.atomic_numbers, b.atomic_numbers) for a, b in zip(plain, cold))
     with pytest.raises(ValueError, match="species_temperature must be ≥ 0"):
         objective.sample(1, steps=2, species_temperature=-0.5)
