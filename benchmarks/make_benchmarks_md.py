@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = (ROOT / "benchmarks" / "SUMMARY.md").read_text()
-ORDER = ["readers", "data_build", "data_scale", "build_scale", "loader", "neighbor_scatter", "trainer", "finetune", "screening",
+ORDER = ["readers", "data_build", "data_scale", "build_scale", "loader", "neighbor_scatter", "trainer", "ddpm_step", "finetune", "screening",
          "gpu_acceptance"]
 
 
