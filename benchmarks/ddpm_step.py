@@ -1,5 +1,5 @@
 """One DDPM training step (forward + backward + AdamW) on real MP-20 crystals, CSPNet denoiser against
-the paper's Transformer, at the CPU config's size (6 layers × 128, self-conditioning, wrapped coordinates).
+the paper's Transformer and the hybrid of the two, at the CPU config's size (6 layers × 128, self-conditioning, wrapped coordinates).
 The two alternate round by round on the same batch, and the ratio is the median over the rounds.
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/ddpm_step.py [--atoms 1024] [--rounds 5] [--steps 5]
@@ -19,7 +19,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mp_20" / "val.
 COMMON = {"name": "ddpm", "layers": 6, "width": 128, "heads": 4, "dropout": 0.0, "part_weights": [1, 1, 1],
           "self_condition": True, "coordinates": "wrapped"}
 CONTENDERS = {"transformer (pair bias 4 + pair head; session 8's WP)": {"pair_frequencies": 4, "coordinate_head": "pair"},
-              "cspnet (10 frequencies; the config)": {"pair_frequencies": 10, "denoiser": "cspnet"}}
+              "cspnet (10 frequencies; the config)": {"pair_frequencies": 10, "denoiser": "cspnet"},
+              "hybrid (cspnet + a transformer layer after every second)": {"pair_frequencies": 10, "denoiser": "hybrid"}}
 
 
 def batch_of(atoms: int):

@@ -30,6 +30,7 @@ torus (plus an optional Langevin corrector step). The species and lattice keep t
 `denoiser: cspnet` replaces the Transformer's layers with DiffCSP's CSPNet message passing over every
 ordered pair of a crystal's atoms (edge features: the crystal's lattice numbers and sin/cos(2πk·Δfrac)).
 Its atoms read no absolute position, so the denoiser is invariant to translating the crystal.
+`denoiser: hybrid` follows every second CSPNet layer with a Transformer layer over the crystal's atoms.
 
 Species are restricted at sampling time to an allowed set (default: the elements the training
 crystals contain, from a second histogram stored in the weights, and Z ≤ 94, CHGNet's table). The
@@ -107,14 +108,18 @@ class DDPMConfig:
     # through the optional pair bias), or "cspnet", DiffCSP's CSPNet message passing (Jiao et al., 2023):
     # every ordered pair of the cell's atoms sends m_ij = MLP(h_i, h_j, lattice, sin/cos(2πk·Δfrac_ij)),
     # k = 1..pair_frequencies, and each atom adds MLP(h_i, mean_j m_ij), so the atoms' states carry
-    # where their neighbours are (heads and dropout are unused there)
+    # where their neighbours are (heads and dropout are unused there); "hybrid": every second CSPNet layer
+    # (the last included) is followed by a Transformer layer over the crystal's atoms (heads, dropout used),
+    # so the atoms also attend to each other's states, species included: CSPNet's mean over all pairs
+    # cannot single out what the others chose (one after every layer costs 2.5× CSPNet's step)
     denoiser: str = "transformer"
 
     def __post_init__(self):
-        if self.denoiser not in ("transformer", "cspnet"):
-            raise ValueError(f"objective 'ddpm': denoiser must be 'transformer' or 'cspnet', got {self.denoiser!r}")
-        if self.denoiser == "cspnet" and self.pair_frequencies < 1:
-            raise ValueError("objective 'ddpm': denoiser 'cspnet' reads the pairs' Fourier features: "
+        if self.denoiser not in ("transformer", "cspnet", "hybrid"):
+            raise ValueError("objective 'ddpm': denoiser must be 'transformer', 'cspnet' or 'hybrid', "
+                             f"got {self.denoiser!r}")
+        if self.denoiser != "transformer" and self.pair_frequencies < 1:
+            raise ValueError(f"objective 'ddpm': denoiser {self.denoiser!r} reads the pairs' Fourier features: "
                              f"set pair_frequencies ≥ 1 (DiffCSP uses 10), got {self.pair_frequencies}")
         if self.coordinates not in ("gaussian", "wrapped"):
             raise ValueError(f"objective 'ddpm': coordinates must be 'gaussian' or 'wrapped', got {self.coordinates!r}")
@@ -249,19 +254,20 @@ class Denoiser(nn.Module):
         self.periodic_input = cfg.coordinates == "wrapped"
         # CSPNet's atoms read no absolute position (DiffCSP): coordinates enter only as the pairs' Δfrac,
         # so the denoiser is invariant to translating the crystal, as the data's distribution is
-        self.graph = cfg.denoiser == "cspnet"
+        self.graph = cfg.denoiser in ("cspnet", "hybrid")
         features = TOKEN - 3 if self.graph else TOKEN + 3 if self.periodic_input else TOKEN
         self.embed = nn.Linear(2 * features if cfg.self_condition else features, cfg.width)
         self.time = nn.Linear(cfg.width, cfg.width)  # sinusoid(t) → width
         if self.graph:  # edge features: the crystal's 6 lattice numbers and 6K Fourier features of Δfrac
             self.layers = nn.ModuleList(CSPLayer(cfg.width, 6 + 6 * cfg.pair_frequencies) for _ in range(cfg.layers))
         else:
-            self.layers = nn.ModuleList(
-                nn.TransformerEncoderLayer(
-                    cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
-                )
-                for _ in range(cfg.layers)
-            )
+            self.layers = self._attention_layers(cfg)
+        # hybrid: a Transformer layer after every second CSPNet layer, the last included (it reads no
+        # position, so the denoiser stays translation-invariant); keyed by the CSPNet layer it follows
+        self.attention = None
+        if cfg.denoiser == "hybrid":
+            self.attention = nn.ModuleDict({str(i): layer for i, layer in zip(
+                range(cfg.layers - 1, -1, -2), self._attention_layers(cfg, (cfg.layers + 1) // 2))})
         self.norm = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, TOKEN)
         self.coordinate_head = PairCoordinateHead(cfg.width) if cfg.coordinate_head == "pair" else None
@@ -272,6 +278,15 @@ class Denoiser(nn.Module):
             for linear in self.pair_bias:  # start as the geometry-blind denoiser
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
+
+    @staticmethod
+    def _attention_layers(cfg: DDPMConfig, count: int | None = None) -> nn.ModuleList:
+        return nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(cfg.layers if count is None else count)
+        )
 
     def input_features(self, x: torch.Tensor) -> torch.Tensor:
         """The token as the first layer reads it: unchanged, with frac as sin/cos(2π·frac), or (CSPNet)
@@ -309,8 +324,11 @@ class Denoiser(nn.Module):
         inverse_degree = torch.where(degree > 0, 1 / degree.clamp(min=1), torch.zeros_like(degree))
         h = h.reshape(batch * length, width)
         temb = temb.expand(batch, length, width).reshape(batch * length, width)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             h = layer(h + temb, edges, receiver, sender, inverse_degree)
+            if self.attention is not None and str(index) in self.attention:
+                padded = self.attention[str(index)](h.view(batch, length, width), src_key_padding_mask=~mask)
+                h = padded.reshape(batch * length, width)
         return h.view(batch, length, width)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,

@@ -481,9 +481,11 @@ def test_pair_coordinate_head_starts_at_zero_and_is_periodic_equivariant_and_pad
 CSPNET = {**SMALL, "coordinates": "wrapped", "denoiser": "cspnet", "pair_frequencies": 3}
 
 
-def test_cspnet_denoiser_is_translation_invariant_periodic_equivariant_and_padding_proof(mp20_records):
+@pytest.mark.parametrize("denoiser", ["cspnet", "hybrid"])
+def test_cspnet_denoiser_is_translation_invariant_periodic_equivariant_and_padding_proof(mp20_records, denoiser):
     torch.manual_seed(0)
-    objective = build_objective({**CSPNET, "self_condition": True}).double().eval()
+    objective = build_objective({**CSPNET, "denoiser": denoiser, "self_condition": True}).double().eval()
+    assert (objective.denoiser.attention is not None) == (denoiser == "hybrid")
     batch = collate(mp20_records[:3], dtype=torch.float64)
     x, mask = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
     x = x + 0.3 * torch.randn_like(x)  # noisy tokens: every atom's lattice part differs, as in training
@@ -519,9 +521,10 @@ def test_cspnet_denoiser_is_translation_invariant_periodic_equivariant_and_paddi
     assert bool(torch.isfinite(single).all())
 
 
-def test_cspnet_ddpm_learns_samples_reproducibly_and_reloads(mp20_records):
+@pytest.mark.parametrize("denoiser", ["cspnet", "hybrid"])
+def test_cspnet_ddpm_learns_samples_reproducibly_and_reloads(mp20_records, denoiser):
     torch.manual_seed(0)
-    objective = build_objective({**CSPNET, "self_condition": True, "coordinate_head": "pair"})
+    objective = build_objective({**CSPNET, "denoiser": denoiser, "self_condition": True, "coordinate_head": "pair"})
     batch = collate(mp20_records[:8])
     before, after, _ = _loss_before_and_after_training(objective, batch)
     assert after < 0.8 * before
@@ -534,10 +537,11 @@ def test_cspnet_ddpm_learns_samples_reproducibly_and_reloads(mp20_records):
 
 
 def test_denoiser_option_is_checked():
-    with pytest.raises(ValueError, match="denoiser must be 'transformer' or 'cspnet'"):
+    with pytest.raises(ValueError, match="denoiser must be 'transformer', 'cspnet' or 'hybrid'"):
         build_objective({**SMALL, "denoiser": "gnn"})
-    with pytest.raises(ValueError, match="set pair_frequencies ≥ 1"):
-        build_objective({**CSPNET, "pair_frequencies": 0})
+    for denoiser in ("cspnet", "hybrid"):
+        with pytest.raises(ValueError, match=f"denoiser '{denoiser}' reads .* set pair_frequencies ≥ 1"):
+            build_objective({**CSPNET, "denoiser": denoiser, "pair_frequencies": 0})
 
 
 def test_species_temperature_one_is_ancestral_sampling_and_zero_removes_the_species_noise(mp20_records):
