@@ -113,8 +113,16 @@ class DDPMConfig:
     # so the atoms also attend to each other's states, species included: CSPNet's mean over all pairs
     # cannot single out what the others chose (one after every layer costs 2.5× CSPNet's step)
     denoiser: str = "transformer"
+    # what the denoiser's species outputs are: "eps", the one-hot part's noise like every other part (the
+    # paper's; the 128-wide stream must then carry 100 dims of noise, and session 10 measured the species
+    # x̂0 less accurate at ᾱ = 0.84 than the argmax of x_t itself, biased to O), or "softmax", logits over
+    # the species: x̂0 = 2·softmax − 1, the ε it implies goes to the sampler unchanged, and the species
+    # part of the loss is the cross-entropy against the true species (CDCD, Dieleman et al. 2022)
+    species_output: str = "eps"
 
     def __post_init__(self):
+        if self.species_output not in ("eps", "softmax"):
+            raise ValueError(f"objective 'ddpm': species_output must be 'eps' or 'softmax', got {self.species_output!r}")
         if self.denoiser not in ("transformer", "cspnet", "hybrid"):
             raise ValueError("objective 'ddpm': denoiser must be 'transformer', 'cspnet' or 'hybrid', "
                              f"got {self.denoiser!r}")
@@ -499,17 +507,36 @@ class DDPMObjective(Objective):
         estimate = None
         if self.config.self_condition and bool(torch.rand(()) < 0.5):
             with torch.no_grad():
-                first = self.denoiser(xt, t, mask)
+                first, _ = self.predict(xt, t, mask)
                 estimate = self.estimate_x0(xt, first, t)
-        eps = self.denoiser(xt, t, mask, estimate)
-        per_atom = self._weighted_mse(eps, noise)[mask]  # [N]
+        eps, logits = self.predict(xt, t, mask, estimate)
+        cross_entropy = None
+        if logits is not None:  # [B, L]: the species part of the loss
+            cross_entropy = nn.functional.cross_entropy(
+                logits.transpose(1, 2), x0[..., TOKEN_PARTS["species"]].argmax(-1), reduction="none")
+        per_atom = self._weighted_mse(eps, noise, cross_entropy)[mask]  # [N]
         loss = per_atom.sum() / norm.atoms
         metrics = {"loss/ddpm_eps_mse": float(per_atom.mean().detach()) if per_atom.numel() else 0.0}
         with torch.no_grad():  # each part's own ε-MSE, so runs with different part_weights compare
             sq = ((eps - noise) ** 2)[mask]  # [N, TOKEN]
             for part, dims in TOKEN_PARTS.items():
                 metrics[f"loss/ddpm_eps_mse_{part}"] = float(sq[:, dims].mean()) if sq.numel() else 0.0
+            if cross_entropy is not None:
+                metrics["loss/ddpm_species_ce"] = float(cross_entropy[mask].mean()) if sq.numel() else 0.0
         return loss, metrics
+
+    def predict(self, xt: torch.Tensor, t, mask: torch.Tensor, x0_estimate: torch.Tensor | None = None):
+        """The denoiser's output in ε form (wrapped coordinates: the normalised −score), and the species logits
+        it came from (species_output 'softmax'; None otherwise). t: [B] tensor of steps."""
+        out = self.denoiser(xt, t, mask, x0_estimate)
+        if self.config.species_output != "softmax":
+            return out, None
+        species = TOKEN_PARTS["species"]
+        logits = out[..., species]
+        abar = self.alphas_cumprod[t].to(xt.dtype).view(-1, 1, 1)
+        # the ε that makes x0_from_eps return x̂0 = 2·softmax − 1 (exactly, up to rounding)
+        eps_species = (xt[..., species] - abar.sqrt() * (2 * logits.softmax(-1) - 1)) / (1 - abar).sqrt()
+        return torch.cat([out[..., : species.start], eps_species, out[..., species.stop :]], dim=-1), logits
 
     @staticmethod
     def x0_from_eps(xt: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -572,14 +599,16 @@ class DDPMObjective(Objective):
         volumes[seen] = v_seen
         return volumes
 
-    def _weighted_mse(self, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """[B, L] per-token ε-MSE: the plain mean over dimensions, or the part_weights blend."""
+    def _weighted_mse(self, eps: torch.Tensor, noise: torch.Tensor,
+                      species_cross_entropy: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] per-token loss: the part_weights blend of each part's mean ε-MSE (no part_weights: weights
+        3, 100, 6, the plain mean over all dimensions); species_cross_entropy [B, L] replaces the species' term."""
         sq = (eps - noise) ** 2
-        if self.config.part_weights is None:
-            return sq.mean(-1)
-        weights = self.config.part_weights  # in TOKEN_PARTS order
-        blend = sum(w * sq[..., dims].mean(-1) for w, dims in zip(weights, TOKEN_PARTS.values()))
-        return blend / sum(weights)
+        weights = self.config.part_weights or tuple(float(d.stop - d.start) for d in TOKEN_PARTS.values())
+        terms = {part: sq[..., dims].mean(-1) for part, dims in TOKEN_PARTS.items()}
+        if species_cross_entropy is not None:
+            terms["species"] = species_cross_entropy
+        return sum(w * term for w, term in zip(weights, terms.values())) / sum(weights)
 
     # ------------------------------------------------------------------ sampling
     def draw_num_atoms(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -643,11 +672,11 @@ class DDPMObjective(Objective):
             for t, t_prev in schedule:
                 steps_t = torch.full((x.shape[0],), t, device=device)
                 if wrapped and corrector_lr > 0:  # one Langevin step on the coordinates at σ_t
-                    out = self.denoiser(x, steps_t, mask, x0)
+                    out, _ = self.predict(x, steps_t, mask, x0)
                     x = self._langevin_coordinates(x, out, t, corrector_lr, generator)
                 abar = self.alphas_cumprod[t]
                 abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones((), device=device)
-                eps = self.denoiser(x, steps_t, mask, x0)
+                eps, _ = self.predict(x, steps_t, mask, x0)
                 x0 = self.estimate_x0(x, eps, t)
                 x0 = x0.masked_fill(banned, -1.0)  # a disallowed species' one-hot entry is −1 in all data
                 # posterior q(x_{t_prev} | x_t, x0) for a (possibly strided) chain

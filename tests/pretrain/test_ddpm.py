@@ -567,3 +567,56 @@ def test_species_temperature_one_is_ancestral_sampling_and_zero_removes_the_spec
     assert any(not np.array_equal(a.atomic_numbers, b.atomic_numbers) for a, b in zip(plain, cold))
     with pytest.raises(ValueError, match="species_temperature must be ≥ 0"):
         objective.sample(1, steps=2, species_temperature=-0.5)
+
+
+def test_softmax_species_output_gives_the_epsilon_of_its_softmax_and_a_cross_entropy_loss(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective({**CSPNET, "species_output": "softmax", "part_weights": [0, 1, 0]}).double()
+    batch = collate(mp20_records[:3], dtype=torch.float64)
+    x0, mask = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    t = torch.tensor([0, 12, 31])
+    abar = objective.alphas_cumprod[t].double().view(-1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn_like(x0)
+    eps, logits = objective.predict(xt, t, mask)
+    species = slice(3, 103)
+    # the ε handed to the sampler inverts to x̂0 = 2·softmax(logits) − 1 at every step, t = 0 included
+    torch.testing.assert_close(objective.x0_from_eps(xt, eps, abar)[..., species], 2 * logits.softmax(-1) - 1)
+    # the other parts are the denoiser's own output
+    raw = objective.denoiser(xt, t, mask)
+    torch.testing.assert_close(eps[..., :3], raw[..., :3])
+    torch.testing.assert_close(eps[..., 103:], raw[..., 103:])
+
+    class Uniform(torch.nn.Module):  # every species equally likely: the cross-entropy is ln 100 on every atom
+        def forward(self, x, t, mask, x0_estimate=None):
+            return torch.zeros_like(x)
+
+    objective.denoiser = Uniform()
+    loss, metrics = objective.loss(batch)
+    assert float(loss) == pytest.approx(np.log(100))
+    assert metrics["loss/ddpm_species_ce"] == pytest.approx(np.log(100))
+    # the ε form is the same as before for the default, and the plain mean's weights are the dimensions' counts
+    plain = build_objective({**SMALL}).double()
+    plain.denoiser = Uniform()
+    torch.manual_seed(1)
+    loss, _ = plain.loss(batch)
+    torch.manual_seed(1)
+    x0, mask = pad_atoms(plain.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    torch.randint(0, plain.config.steps, (batch.num_crystals,))
+    noise = torch.randn_like(x0)
+    assert float(loss) == pytest.approx(float((noise**2).mean(-1)[mask].mean()))
+
+
+def test_softmax_species_ddpm_learns_and_samples_the_trained_species(mp20_records):
+    torch.manual_seed(0)
+    objective = build_objective({**CSPNET, "species_output": "softmax", "self_condition": True, "part_weights": [1, 1, 1]})
+    batch = collate(mp20_records[:8])
+    before, after, metrics = _loss_before_and_after_training(objective, batch)
+    assert after < 0.8 * before and "loss/ddpm_species_ce" in metrics
+    trained = {int(z) for z in batch.atomic_numbers}
+    for crystal in objective.sample(4, seed=2, steps=8):
+        assert set(crystal.atomic_numbers.tolist()) <= trained
+
+
+def test_species_output_option_is_checked():
+    with pytest.raises(ValueError, match="species_output must be 'eps' or 'softmax'"):
+        build_objective({**SMALL, "species_output": "logits"})
