@@ -117,12 +117,16 @@ class DDPMConfig:
     # paper's; the 128-wide stream must then carry 100 dims of noise, and session 10 measured the species
     # x̂0 less accurate at ᾱ = 0.84 than the argmax of x_t itself, biased to O), or "softmax", logits over
     # the species: x̂0 = 2·softmax − 1, the ε it implies goes to the sampler unchanged, and the species
-    # part of the loss is the cross-entropy against the true species (CDCD, Dieleman et al. 2022)
+    # part of the loss is the cross-entropy against the true species (CDCD, Dieleman et al. 2022); "posterior",
+    # softmax with the token's own evidence added to the logits: log N(x_t | √ᾱ(2e_k − 1), 1 − ᾱ) up to a
+    # constant, 2√ᾱ/(1 − ᾱ)·x_t[k], exact for each species k, so the network learns only what the crystal's
+    # context adds (its logits are a prior) and its x̂0 is never worse than the noisy one-hot's own argmax
     species_output: str = "eps"
 
     def __post_init__(self):
-        if self.species_output not in ("eps", "softmax"):
-            raise ValueError(f"objective 'ddpm': species_output must be 'eps' or 'softmax', got {self.species_output!r}")
+        if self.species_output not in ("eps", "softmax", "posterior"):
+            raise ValueError("objective 'ddpm': species_output must be 'eps', 'softmax' or 'posterior', "
+                             f"got {self.species_output!r}")
         if self.denoiser not in ("transformer", "cspnet", "hybrid"):
             raise ValueError("objective 'ddpm': denoiser must be 'transformer', 'cspnet' or 'hybrid', "
                              f"got {self.denoiser!r}")
@@ -527,13 +531,15 @@ class DDPMObjective(Objective):
 
     def predict(self, xt: torch.Tensor, t, mask: torch.Tensor, x0_estimate: torch.Tensor | None = None):
         """The denoiser's output in ε form (wrapped coordinates: the normalised −score), and the species logits
-        it came from (species_output 'softmax'; None otherwise). t: [B] tensor of steps."""
+        it came from (species_output 'softmax' or 'posterior'; None for 'eps'). t: [B] tensor of steps."""
         out = self.denoiser(xt, t, mask, x0_estimate)
-        if self.config.species_output != "softmax":
+        if self.config.species_output == "eps":
             return out, None
         species = TOKEN_PARTS["species"]
         logits = out[..., species]
         abar = self.alphas_cumprod[t].to(xt.dtype).view(-1, 1, 1)
+        if self.config.species_output == "posterior":  # + the token's own Gaussian log-likelihood of each species
+            logits = logits + 2 * abar.sqrt() / (1 - abar) * xt[..., species]
         # the ε that makes x0_from_eps return x̂0 = 2·softmax − 1 (exactly, up to rounding)
         eps_species = (xt[..., species] - abar.sqrt() * (2 * logits.softmax(-1) - 1)) / (1 - abar).sqrt()
         return torch.cat([out[..., : species.start], eps_species, out[..., species.stop :]], dim=-1), logits

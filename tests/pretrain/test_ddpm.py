@@ -618,5 +618,30 @@ def test_softmax_species_ddpm_learns_and_samples_the_trained_species(mp20_record
 
 
 def test_species_output_option_is_checked():
-    with pytest.raises(ValueError, match="species_output must be 'eps' or 'softmax'"):
+    with pytest.raises(ValueError, match="species_output must be 'eps', 'softmax' or 'posterior'"):
         build_objective({**SMALL, "species_output": "logits"})
+
+
+def test_posterior_species_output_adds_the_exact_likelihood_of_the_noisy_one_hot(mp20_records):
+    """With a context-blind network (zero logits) the species x̂0 is the exact posterior mean of one token's
+    species under a uniform prior: p(k | x_t) ∝ N(x_t | √ᾱ(2e_k − 1), (1 − ᾱ)I), computed here by brute force."""
+    objective = build_objective({**SMALL, "species_output": "posterior"}).double()
+
+    class Blind(torch.nn.Module):
+        def forward(self, x, t, mask, x0_estimate=None):
+            return torch.zeros_like(x)
+
+    objective.denoiser = Blind()
+    batch = collate(mp20_records[:2], dtype=torch.float64)
+    x0, mask = pad_atoms(objective.encode_tokens(batch), batch.batch_index, batch.num_atoms)
+    t = torch.tensor([4, 8])
+    abar = objective.alphas_cumprod[t].double().view(-1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn_like(x0)
+    eps, logits = objective.predict(xt, t, mask)
+    candidates = 2 * torch.eye(100, dtype=torch.float64) - 1  # [K, 100] every species' one-hot
+    species = xt[..., 3:103].unsqueeze(-2)  # [B, L, 1, 100]
+    log_likelihood = -((species - abar.unsqueeze(-1).sqrt() * candidates) ** 2).sum(-1) / (2 * (1 - abar))
+    posterior = log_likelihood.softmax(-1)  # [B, L, K]
+    torch.testing.assert_close(objective.x0_from_eps(xt, eps, abar)[..., 3:103], 2 * posterior - 1)
+    # at moderate noise it recovers the species better than chance (the evidence is used)
+    assert float((posterior.argmax(-1) == x0[..., 3:103].argmax(-1))[mask].double().mean()) > 0.5
