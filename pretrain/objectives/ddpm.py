@@ -32,6 +32,11 @@ ordered pair of a crystal's atoms (edge features: the crystal's lattice numbers 
 Its atoms read no absolute position, so the denoiser is invariant to translating the crystal.
 `denoiser: hybrid` follows every second CSPNet layer with a Transformer layer over the crystal's atoms.
 
+`species_output: softmax` reads the denoiser's species outputs as logits (x̂0 = 2·softmax − 1, the implied
+ε goes to the sampler, the loss's species term is the cross-entropy); `posterior` adds each species' exact
+log-likelihood of the token's own noisy one-hot to those logits, so the network supplies only the prior
+that the rest of the crystal implies.
+
 Species are restricted at sampling time to an allowed set (default: the elements the training
 crystals contain, from a second histogram stored in the weights, and Z ≤ 94, CHGNet's table). The
 restriction is a projection onto the data's support, applied at every step of the chain: the
