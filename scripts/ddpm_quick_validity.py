@@ -1,5 +1,5 @@
 """Quick progress check of a DDPM generator: sample N crystals, report structural and
-compositional validity, volume per atom and how many distinct elements appear (no CHGNet, no CrystalNN), seconds per check.
+compositional validity, volume per atom, density and how many distinct elements appear (no CHGNet, no CrystalNN), seconds per check.
 
     python scripts/ddpm_quick_validity.py RUN/checkpoints/step_00001000 [--n 100] [--steps 100]
     python scripts/ddpm_quick_validity.py RELEASE_DIR ...
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--corrector-lr", type=float, default=None, help="wrapped coordinates: Langevin corrector step")
     parser.add_argument("--species-temperature", type=float, default=1.0, help="scales the species part's sampling noise")
     args = parser.parse_args()
+    from pymatgen.core import Element
+
     from data_pipeline.record import element_symbol
     from discovery.validity import compositional_validity, structural_validity
 
@@ -54,6 +56,9 @@ def main() -> None:
     comp = [compositional_validity(s)[0] for s in samples]
     elements = [len(set(s.atomic_numbers.tolist())) for s in samples]
     vpa = [s.volume / s.num_atoms for s in samples]
+    masses = np.array([0.0] + [Element.from_Z(z).atomic_mass for z in range(1, 119)])
+    # g/cm³ (1 amu/Å³ = 1.66054 g/cm³): the species' mass is half of the density story (session 10)
+    density = [1.66054 * masses[s.atomic_numbers].sum() / s.volume for s in samples]
     print(json.dumps({"model": args.model, "step": step, "n": args.n, "sample_steps": args.steps or objective.config.steps,
                       "volume": args.volume, "seed": args.seed, "corrector_lr": args.corrector_lr,
                       "species_temperature": args.species_temperature,
@@ -66,7 +71,8 @@ def main() -> None:
                                                                       for z in set(s.atomic_numbers.tolist()))),
                       # species collapse shows here first (docs/discovery_mp20.md, session 6)
                       "distinct_elements": len({int(z) for s in samples for z in s.atomic_numbers}),
-                      "volume_per_atom_median": float(np.median(vpa)), "sample_s": round(sample_s, 1),
+                      "volume_per_atom_median": float(np.median(vpa)), "density_median": float(np.median(density)),
+                      "sample_s": round(sample_s, 1),
                       "total_s": round(time.perf_counter() - start, 1)}))
 
 

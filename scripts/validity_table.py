@@ -54,14 +54,16 @@ def main() -> None:
                 groups[key].append(row)
     train = training_elements()
     print("| model | volume | species temperature | runs × n | struct. validity | comp. validity | both | median elements "
-          "| median volume/atom (Å³) | W1(elements) to training | species TV to training |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| median volume/atom (Å³) | median density (g/cm³) | W1(elements) to training | species TV to training |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (model, volume, _, temperature), rows in groups.items():
         def cell(key):
             values = np.array([r[key] for r in rows])
             return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
         elements = "–".join(sorted({f"{r['elements_median']:g}" for r in rows}))
         vpa = [r["volume_per_atom_median"] for r in rows]
+        densities = [r["density_median"] for r in rows if "density_median" in r]  # rows before session 10 lack it
+        density = f"{min(densities):.2f}–{max(densities):.2f}" if len(densities) == len(rows) else "–"
         histograms = [r["elements_histogram"] for r in rows if "elements_histogram" in r]
         w1 = tv = "–"
         if train is not None and len(histograms) == len(rows):
@@ -72,7 +74,7 @@ def main() -> None:
         if train is not None and all("element_occurrences" in r for r in rows):
             tv = f"{total_variation(sum((Counter(r['element_occurrences']) for r in rows), Counter()), train[1]):.3f}"
         print(f"| {model} | {volume} | {temperature:g} | {len(rows)} × {rows[0]['n']} | {cell('struct_valid')} | "
-              f"{cell('comp_valid')} | {cell('valid')} | {elements} | {min(vpa):.1f}–{max(vpa):.1f} | {w1} | {tv} |")
+              f"{cell('comp_valid')} | {cell('valid')} | {elements} | {min(vpa):.1f}–{max(vpa):.1f} | {density} | {w1} | {tv} |")
 
 
 if __name__ == "__main__":
