@@ -20,7 +20,8 @@ COMMON = {"name": "ddpm", "layers": 6, "width": 128, "heads": 4, "dropout": 0.0,
           "self_condition": True, "coordinates": "wrapped"}
 CONTENDERS = {"transformer (pair bias 4 + pair head; session 8's WP)": {"pair_frequencies": 4, "coordinate_head": "pair"},
               "cspnet (10 frequencies; the config)": {"pair_frequencies": 10, "denoiser": "cspnet"},
-              "hybrid (cspnet + a transformer layer after every second)": {"pair_frequencies": 10, "denoiser": "hybrid"}}
+              "hybrid (cspnet + a transformer layer after every second)": {"pair_frequencies": 10, "denoiser": "hybrid"},
+              "cspnet, species_output posterior": {"pair_frequencies": 10, "denoiser": "cspnet", "species_output": "posterior"}}
 
 
 def batch_of(atoms: int):
