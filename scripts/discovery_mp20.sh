@@ -19,7 +19,7 @@ $PIN crystalfm finetune export-split mp20_formation_energy_per_atom --split test
 $PIN crystalfm data build configs/data_mp20_generator.yaml --inline --no-progress
 
 # 2. the DDPM generator: 6 layers × 128, T = 256, 5,500 steps of 1,024 atoms (107 epochs; the CSPNet
-#    denoiser of session 9, 65 min)
+#    denoiser of session 9 with the softmax species output of session 10, 65 min)
 $PIN crystalfm pretrain train configs/pretrain_ddpm_cpu.yaml
 crystalfm pretrain release $R/ddpm/checkpoints --out $R/releases/ddpm --no-register
 #    quick validity checks of the checkpoints (100 samples each, struct + comp only)
