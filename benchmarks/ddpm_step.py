@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mp_20" / "val.
 COMMON = {"name": "ddpm", "layers": 6, "width": 128, "heads": 4, "dropout": 0.0, "part_weights": [1, 1, 1],
           "self_condition": True, "coordinates": "wrapped"}
 CONTENDERS = {"transformer (pair bias 4 + pair head; session 8's WP)": {"pair_frequencies": 4, "coordinate_head": "pair"},
-              "cspnet (10 frequencies; the config)": {"pair_frequencies": 10, "denoiser": "cspnet"},
+              "cspnet (10 frequencies; session 9's config, ε species)": {"pair_frequencies": 10, "denoiser": "cspnet"},
               "hybrid (cspnet + a transformer layer after every second)": {"pair_frequencies": 10, "denoiser": "hybrid"},
               "cspnet, species_output posterior": {"pair_frequencies": 10, "denoiser": "cspnet", "species_output": "posterior"}}
 
